@@ -1,0 +1,121 @@
+"""`megatron-ghpo` command line: train, sft, convert, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from megatron_ghpo.config import Config, ConfigError
+from megatron_ghpo.logging_utils import configure_logging
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (the original GHPO recipe's flat keys, or sections)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key (YAML-typed value); repeatable")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config and layout, then exit")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its section, type and default")
+
+
+def launch_world_size(cfg: Config) -> int:
+    """Ranks this run has (or will spawn): explicit config, the launcher's WORLD_SIZE, else TP x PP."""
+    if cfg.parallel.world_size is not None:
+        return cfg.parallel.world_size
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+
+
+def load_and_validate(args: argparse.Namespace) -> tuple[Config, int]:
+    from megatron_ghpo.config_loader import load_config, read_model_dims
+
+    cfg = load_config(args.config, args.overrides)
+    world = launch_world_size(cfg)
+    cfg.validate(world, read_model_dims(cfg.model.model_name_or_path))
+    return cfg, world
+
+
+def describe(cfg: Config, world: int) -> str:
+    """Human summary printed by --dry-run."""
+    p, t, r = cfg.parallel, cfg.training, cfg.rollout
+    dp = cfg.data_parallel_size(world)
+    total = cfg.global_batch_completions(world)
+    rewards = ", ".join(f"{n}={w:g}" for n, w in zip(cfg.rewards.reward_funcs, cfg.rewards.weights))
+    lines = [
+        f"rl_type: {cfg.ghpo.rl_type}",
+        f"num_generations: {r.num_generations}",
+        f"hint_ladder: {cfg.ghpo.hint_ladder} (hint_split={cfg.ghpo.hint_split}, hint_start={cfg.ghpo.hint_start}, "
+        f"consistency={cfg.ghpo.hint_prompt_consistency}, start_hint_step={cfg.ghpo.start_hint_step})",
+        f"rewards: {rewards}",
+        f"parallel: world_size={world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
+        f"x DP {dp} (virtual_pipeline={p.virtual_pipeline_model_parallel_size}, sequence_parallel={p.sequence_parallel}, "
+        f"distributed_optimizer={p.use_distributed_optimizer})",
+        f"global batch: {t.per_device_train_batch_size} per rank x DP {dp} x grad-accum {t.gradient_accumulation_steps} "
+        f"= {total} completions = {total // r.num_generations} prompts per optimizer step",
+        f"model: {cfg.model.model_name_or_path or '(unset)'} (bf16={cfg.model.bf16}, transformer_impl="
+        f"{cfg.model.transformer_impl}, fp8={cfg.model.fp8}, recompute={cfg.model.gradient_checkpointing})",
+        f"data: {cfg.data.dataset_name or '(unset)'} [{cfg.data.dataset_prompt_column} -> "
+        f"{cfg.data.dataset_answer_column} / {cfg.data.dataset_hint_column}]",
+        f"loss: {cfg.algorithm.loss_type}, epsilon={cfg.algorithm.epsilon}, beta={cfg.algorithm.beta}, "
+        f"scale_rewards={cfg.algorithm.scale_rewards}; lr={cfg.optimizer.learning_rate:g} "
+        f"{cfg.optimizer.lr_scheduler_type}",
+        f"output_dir: {cfg.checkpoint.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def help_config() -> str:
+    from megatron_ghpo.config_loader import FIELDS, _HINTS
+
+    rows = []
+    for key, (section, f) in FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp = str(_HINTS[key]).replace("typing.", "")
+        rows.append(f"{section:10s} {key:40s} {tp:50s} {default!r}")
+    return "\n".join(rows)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print(help_config())
+        return 0
+    import yaml
+
+    from megatron_ghpo.config_loader import config_to_dict
+
+    cfg, world = load_and_validate(args)
+    if args.dry_run:
+        print(describe(cfg, world))
+        print("--- resolved config ---")
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, width=120))
+        return 0
+    raise NotImplementedError(
+        "megatron-ghpo train: the training loop is not implemented in this build; use --dry-run to validate a config"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-ghpo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="GHPO/GRPO training")
+    _add_config_args(train)
+    train.add_argument("--resume", help="'auto' (newest complete checkpoint in output_dir) or a checkpoint path")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(os.environ.get("MEGATRON_GHPO_LOG_LEVEL", "INFO"))
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Config tree: seed recipe loads, every validation rule, typed overrides, did-you-mean."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_ghpo.config import Config, ConfigError
+from megatron_ghpo.config_loader import FIELDS, IGNORED_KEYS, load_config, save_config
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED = ROOT / "examples" / "qwen2.5-math-7b" / "ghpo.yaml"
+
+
+def write(tmp_path, data) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_seed_recipe_is_the_reference_byte_for_byte():
+    ref = ROOT.parent / "shared" / "reference" / "ghpo_recipe_qwen2.5-math-7b.yaml"
+    if not ref.exists():
+        pytest.skip("shared/ reference folder not present beside the checkout")
+    assert SEED.read_bytes() == ref.read_bytes()
+
+
+def test_seed_recipe_loads_with_one_warning_per_ignored_key(caplog):
+    with caplog.at_level(logging.WARNING, logger="megatron_ghpo"):
+        cfg = load_config(SEED)
+    assert cfg.ghpo.rl_type == "ghpo"
+    assert cfg.rollout.num_generations == 8
+    assert cfg.rewards.reward_funcs == ["accuracy", "format"] and cfg.rewards.weights == [1.0, 0.5]
+    assert cfg.algorithm.scale_rewards == "group"
+    assert cfg.training.gradient_accumulation_steps == 28 and cfg.model.bf16
+    warned = [r.getMessage() for r in caplog.records]
+    for key in ("vllm_device", "hub_strategy", "push_to_hub", "attn_implementation"):
+        assert sum(f"'{key}'" in m for m in warned) == 1, key
+    grpo = load_config(SEED.parent / "grpo.yaml")
+    assert grpo.ghpo.rl_type == "grpo"
+
+
+def test_flat_and_sectioned_layouts_are_equivalent(tmp_path):
+    flat = load_config(write(tmp_path, {"num_generations": 4, "learning_rate": 3e-5, "hint_ladder": [0.3, 0.6]}))
+    nested = load_config(write(tmp_path, {"rollout": {"num_generations": 4}, "optimizer": {"learning_rate": 3e-5},
+                                          "ghpo": {"hint_ladder": [0.3, 0.6]}}))
+    assert flat == nested
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config(SEED, ["learning_rate=2e-5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "key, near",
+    [("num_generation", "num_generations"), ("learning_rat", "learning_rate"), ("hint_ladr", "hint_ladder")],
+)
+def test_unknown_key_names_nearest(tmp_path, key, near):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'.*did you mean {near}\\?"):
+        load_config(write(tmp_path, {key: 1}))
+
+
+def test_unknown_key_inside_section(tmp_path):
+    with pytest.raises(ConfigError, match="'temperature' in .*section model.*"):
+        load_config(write(tmp_path, {"model": {"temperature": 1.0}}))
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["learning_rate=1e-5", "hint_ladder=[0.2,0.4]", "bf16=true", "top_k=-1",
+                             "system_prompt=Be brief", "epsilon_high=0.28"])
+    assert cfg.optimizer.learning_rate == 1e-5 and isinstance(cfg.optimizer.learning_rate, float)
+    assert cfg.ghpo.hint_ladder == [0.2, 0.4] and cfg.model.bf16 is True and cfg.rollout.top_k == -1
+    assert cfg.data.system_prompt == "Be brief" and cfg.algorithm.epsilon_high == 0.28
+    with pytest.raises(ConfigError, match="num_generations='eight': must be an integer"):
+        load_config(None, ["num_generations=eight"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["learning_rate"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rl_type=gpro", r"rl_type='gpro': must be one of \['ghpo', 'grpo', 'grpo_fixed_hint'\]"),
+        ("reward_weights=[1.0]", r"reward_weights=\[1.0\]: must have one weight per reward function \(2"),
+        ("hint_ladder=[0.5,0.25]", r"hint_ladder=\[0.5, 0.25\]: must be strictly increasing"),
+        ("hint_ladder=[0.5,0.5]", r"must be strictly increasing"),
+        ("hint_ladder=[0.0,0.5]", r"strictly inside \(0, 1\)"),
+        ("hint_ladder=[0.5,1.0]", r"strictly inside \(0, 1\)"),
+        ("hint_ladder=[]", r"at least one ratio"),
+        ("hint_ratio=1.5", r"hint_ratio=1.5"),
+        ("num_generations=1", r"num_generations=1: must be >= 2"),
+        ("temperature=0", r"temperature=0.0: must be > 0"),
+        ("top_p=1.5", r"top_p=1.5"),
+        ("loss_type=sum", r"loss_type='sum': must be one of"),
+        ("scale_rewards=maybe", r"scale_rewards='maybe'"),
+        ("tensor_model_parallel_size=0", r"tensor_model_parallel_size=0: must be >= 1"),
+        ("virtual_pipeline_model_parallel_size=2", r"pipeline_model_parallel_size > 1"),
+        ("max_steps=0", r"max_steps=0"),
+        ("save_total_limit=0", r"save_total_limit=0"),
+        ("transformer_impl=te", r"transformer_impl='te': must be one of"),
+    ],
+)
+def test_field_rules(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_scale_rewards_accepts_the_seed_booleans():
+    assert load_config(None, ["scale_rewards=true"]).algorithm.scale_rewards == "group"
+    assert load_config(None, ["scale_rewards=false"]).algorithm.scale_rewards == "none"
+    assert load_config(None, ["scale_rewards=batch"]).algorithm.scale_rewards == "batch"
+
+
+def test_global_batch_must_divide_by_num_generations():
+    cfg = load_config(None, ["per_device_train_batch_size=6", "num_generations=8"])
+    with pytest.raises(ConfigError, match=r"6\) x data-parallel size \(2\) x gradient_accumulation_steps \(1\) = 12"):
+        cfg.validate(world_size=2)
+    cfg.validate(world_size=4)  # 6 x 4 = 24 completions = 3 groups
+
+
+def test_parallel_sizes_against_world_and_model():
+    cfg = load_config(None, ["tensor_model_parallel_size=2", "pipeline_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by .*\(2\) x .*\(2\) = 4"):
+        cfg.validate(world_size=6)
+    dims = {"num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 4}
+    with pytest.raises(ConfigError, match="tensor_model_parallel_size=4 must divide num_attention_heads=6") as e:
+        load_config(None, ["tensor_model_parallel_size=4"]).validate(4, dims)
+    assert "6" in str(e.value)
+    with pytest.raises(ConfigError, match="must divide num_key_value_heads=1"):
+        cfg.validate(4, {"num_attention_heads": 4, "num_key_value_heads": 1, "num_hidden_layers": 4})
+    with pytest.raises(ConfigError, match="must divide num_hidden_layers=3"):
+        cfg.validate(4, {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3})
+    cfg.validate(8, {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4})
+
+
+def test_cross_section_rules():
+    with pytest.raises(ConfigError, match="sequence_parallel=True needs tensor_model_parallel_size > 1"):
+        load_config(None, ["sequence_parallel=true"]).validate(1)
+    with pytest.raises(ConfigError, match="fp8='hybrid' needs transformer_impl"):
+        load_config(None, ["fp8=hybrid", "transformer_impl=local"]).validate(1)
+    with pytest.raises(ConfigError, match="needs eval_tasks"):
+        load_config(None, ["do_eval=true", "eval_strategy=steps"]).validate(1)
+
+
+def test_leaf_names_unique_and_ignored_keys_disjoint():
+    assert not set(IGNORED_KEYS) & set(FIELDS)
+    assert len(FIELDS) == sum(len(f.default_factory().__dataclass_fields__) for f in Config.__dataclass_fields__.values())

@@ -91,9 +91,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("--- resolved config ---")
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, width=120))
         return 0
-    raise NotImplementedError(
-        "megatron-ghpo train: the training loop is not implemented in this build; use --dry-run to validate a config"
-    )
+    return run_ranks(args, cfg, world, mode="rl")
+
+
+def run_ranks(args: argparse.Namespace, cfg: Config, world: int, *, mode: str) -> int:
+    """On a launched rank: run. Otherwise spawn ``world`` local ranks of this same command (CPU use)."""
+    from megatron_ghpo.train.launcher import spawn_local, under_launcher
+
+    if world > 1 and not under_launcher():
+        return spawn_local("megatron_ghpo.cli", list(args.argv), world)
+    if mode == "sft":
+        from megatron_ghpo.train.sft import run_sft
+
+        run_sft(cfg, resume=args.resume)
+    else:
+        from megatron_ghpo.train.loop import run_training
+
+        run_training(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print(help_config())
+        return 0
+    cfg, world = load_and_validate(args)
+    if args.dry_run:
+        print(describe(cfg, world))
+        return 0
+    return run_ranks(args, cfg, world, mode="sft")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,12 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--resume", help="'auto' (newest complete checkpoint in output_dir) or a checkpoint path")
     train.set_defaults(func=cmd_train)
+    sft = sub.add_parser("sft", help="SFT warm-up (cross-entropy on worked solutions) on the Megatron policy")
+    _add_config_args(sft)
+    sft.add_argument("--resume", help=argparse.SUPPRESS)
+    sft.set_defaults(func=cmd_sft)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging(os.environ.get("MEGATRON_GHPO_LOG_LEVEL", "INFO"))
     try:
         return args.func(args) or 0

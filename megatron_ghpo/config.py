@@ -92,9 +92,13 @@ class DataConfig:
     max_prompt_length: int = 512
     """Prompts longer than this many tokens are left-truncated (and counted)."""
     shuffle_dataset: bool = True
+    sft_hint_fraction: float = 0.0
+    """`megatron-ghpo sft` only: share of examples whose prompt carries a hint (25/50/75% of the worked
+    solution) while the target stays the whole solution, so the model learns to use hints."""
 
     def __post_init__(self) -> None:
         _require(self.max_prompt_length >= 1, "max_prompt_length", self.max_prompt_length, "must be >= 1")
+        _require(0 <= self.sft_hint_fraction <= 1, "sft_hint_fraction", self.sft_hint_fraction, "must be in [0, 1]")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,176 @@
+"""Build every stage of the trainer from the config: the only place config meets the packages."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_ghpo.config import Config
+from megatron_ghpo.config_loader import config_to_dict, save_config
+from megatron_ghpo.logging_utils import get_logger
+from megatron_ghpo.records import Group, TrainBatch
+from megatron_ghpo.rollout.base import SamplingParams
+from megatron_ghpo.train.data_stream import PromptStream
+from megatron_ghpo.train.dist_utils import TrainerGroups, any_across_leaders, build_groups
+from megatron_ghpo.train.metrics import MetricsLogger
+
+logger = get_logger("trainer")
+
+
+def check_model_dir(path: str) -> Path:
+    p = Path(path)
+    if not path:
+        raise ValueError("model_name_or_path is empty: point it at a local HF model folder")
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"model_name_or_path {path!r} is not a local folder; download the model first (e.g. "
+            f"`hf download {path} --local-dir models/{p.name}`) and point model_name_or_path at that folder"
+        )
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {path!r} has no config.json: it is not a Hugging Face model folder")
+    return p
+
+
+def sampling_from_config(cfg: Config, *, n: int | None = None) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(n=n or r.num_generations, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_tokens=r.max_completion_length, logprobs=True, seed=cfg.training.seed)
+
+
+def ghpo_options(cfg: Config, *, streaming: bool):
+    from megatron_ghpo.ghpo.options import GHPOOptions
+
+    g = cfg.ghpo
+    return GHPOOptions(rl_type=g.rl_type, hint_ladder=list(g.hint_ladder), hint_ratio=g.hint_ratio,
+                       start_hint_step=g.start_hint_step, hint_template=g.hint_template, hint_split=g.hint_split,
+                       hint_guard=g.hint_guard, hint_prompt_consistency=g.hint_prompt_consistency,
+                       hint_start=g.hint_start, streaming=streaming, dynamic_sampling=g.dynamic_sampling)
+
+
+def load_training_problems(cfg: Config):
+    from megatron_ghpo.data import load_problems
+
+    d = cfg.data
+    problems = load_problems(d.dataset_name, prompt_column=d.dataset_prompt_column,
+                             answer_column=d.dataset_answer_column, hint_column=d.dataset_hint_column,
+                             split=d.dataset_train_split, answer_from=d.dataset_answer_from,
+                             on_invalid="skip" if d.skip_invalid_rows else "error", limit=d.max_train_samples)
+    if not problems:
+        raise ValueError(f"dataset {d.dataset_name!r} yielded no usable rows; check the file and the column mapping")
+    return problems
+
+
+@dataclass(kw_only=True)
+class Components:
+    cfg: Config
+    groups: TrainerGroups
+    policy: Any
+    stream: PromptStream
+    tokenizer: Any
+    metrics: MetricsLogger
+    sampling: SamplingParams
+    engine: Any = None
+    sampler: Any = None
+    memory: Any = None
+    scorer: Any = None
+    renderer: Any = None
+
+    def make_batch(self, groups: list[Group]) -> tuple[TrainBatch, dict[str, float]]:
+        from megatron_ghpo.algo.advantages import group_advantages
+        from megatron_ghpo.ghpo.batch import build_train_batch, group_rewards
+
+        rewards = group_rewards(groups)
+        adv = group_advantages(rewards, self.cfg.algorithm.scale_rewards)
+        batch = build_train_batch(groups, adv, eos_token_id=self.tokenizer.eos_token_id,
+                                  mask_truncated_completions=self.cfg.algorithm.mask_truncated_completions,
+                                  reduce_sum=self._sum_over_leaders)
+        lengths = [len(s.completion_ids) for s in batch.samples]
+        return batch, {"train/advantage_abs_mean": float(adv.abs().mean()),
+                       "rollout/completion_len": sum(lengths) / max(1, len(lengths)),
+                       "rollout/truncated_frac": sum(c.truncated for g in groups for c in g.completions)
+                       / max(1, len(lengths))}
+
+    def _sum_over_leaders(self, x: int) -> int:
+        if self.groups.leaders_group is None:
+            return x
+        import torch.distributed as dist
+
+        t = torch.tensor([x], dtype=torch.int64)
+        dist.all_reduce(t, group=self.groups.leaders_group)
+        return int(t.item())
+
+    def engine_sleep(self) -> None:
+        if self.engine is not None and self.cfg.rollout.vllm_enable_sleep_mode:
+            self.engine.sleep()
+
+    def engine_wake(self) -> None:
+        if self.engine is not None and self.cfg.rollout.vllm_enable_sleep_mode:
+            self.engine.wake()
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        from megatron_ghpo.eval.inloop import evaluate_in_loop
+
+        if not self.groups.is_leader:
+            return {}
+        e = self.cfg.eval
+        return evaluate_in_loop(self.engine, self.renderer, e.eval_tasks, samples=e.eval_samples, limit=e.eval_limit,
+                                max_tokens=self.cfg.rollout.max_completion_length, seed=self.cfg.training.seed,
+                                pool=getattr(self.scorer, "pool", None))
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.engine is not None:
+            self.engine.close()
+
+
+def build_components(cfg: Config, *, resume_step: int) -> Components:
+    """Collective: every rank calls it. Heavy imports happen here, not at module import."""
+    from megatron_ghpo.policy import MegatronPolicy
+    from megatron_ghpo.rewards import RewardScorer, get_reward_funcs
+    from transformers import AutoTokenizer
+
+    model_dir = check_model_dir(cfg.model.model_name_or_path)
+    problems = load_training_problems(cfg)
+    policy = MegatronPolicy.from_config(cfg, model_dir=str(model_dir))
+    groups = build_groups(policy.replica_ranks(), policy.rank)
+    out = Path(cfg.checkpoint.output_dir)
+    if groups.is_logger:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
+    prompts_per_step = cfg.global_batch_completions(groups.world_size) // cfg.rollout.num_generations
+    stream = PromptStream(problems, prompts_per_step=prompts_per_step, dp_rank=groups.dp_rank,
+                          dp_size=groups.dp_size, seed=cfg.training.seed, shuffle=cfg.data.shuffle_dataset)
+    lg = cfg.logging
+    metrics = MetricsLogger(out, enabled=groups.is_logger, report_to=lg.report_to, run_name=lg.run_name,
+                            wandb_project=lg.wandb_project, wandb_mode=os.environ.get("WANDB_MODE", lg.wandb_mode),
+                            config=config_to_dict(cfg), resume_step=resume_step)
+    c = Components(cfg=cfg, groups=groups, policy=policy, stream=stream, tokenizer=tokenizer, metrics=metrics,
+                   sampling=sampling_from_config(cfg))
+    if groups.is_leader:
+        from megatron_ghpo.data import PromptRenderer
+        from megatron_ghpo.ghpo.memory import DifficultyMemory
+        from megatron_ghpo.ghpo.sampler import GHPOSampler
+        from megatron_ghpo.rollout import build_rollout_engine
+        from megatron_ghpo.rollout.base import StreamingRolloutEngine
+
+        g = cfg.ghpo
+        c.renderer = PromptRenderer(tokenizer, system_prompt=cfg.data.system_prompt,
+                                    max_prompt_length=cfg.data.max_prompt_length, hint_template=g.hint_template,
+                                    hint_split=g.hint_split, hint_guard=g.hint_guard)
+        c.scorer = RewardScorer(get_reward_funcs(cfg.rewards.reward_funcs), cfg.rewards.weights)
+        c.engine = build_rollout_engine(cfg, str(model_dir))
+        c.memory = DifficultyMemory()
+        streaming = g.streaming and isinstance(c.engine, StreamingRolloutEngine)
+        step_ref = {"step": 0}
+        c.sampler = GHPOSampler(
+            engine=c.engine, render=c.renderer.render, score=c.scorer.score_groups, sampling=c.sampling,
+            options=ghpo_options(cfg, streaming=streaming), any_global=lambda f: any_across_leaders(f, groups),
+            memory=c.memory,
+            refill=(lambda k: stream.refill(step_ref["step"], 0, k)) if g.dynamic_sampling else None,
+        )
+    return c

@@ -1,0 +1,84 @@
+"""SFT warm-up on the same Megatron policy: cross-entropy on worked solutions.
+
+Each step takes the next prompts of the dataset stream; with ``sft_hint_fraction`` > 0 a share of
+them carry a hint (a prefix of the worked solution, cut like GHPO cuts it) in the user turn while
+the target stays the whole solution, so the model learns to use a hint before RL relies on it.
+The final weights are also written as a Hugging Face folder (``<output_dir>/hf``) that RL runs and
+the rollout engine load directly.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from megatron_ghpo.config import Config
+from megatron_ghpo.logging_utils import get_logger, progress
+from megatron_ghpo.records import TrainBatch, TrainSample
+from megatron_ghpo.train import checkpointing as ck
+from megatron_ghpo.train.dist_utils import barrier, broadcast_object
+
+logger = get_logger("sft")
+
+SFT_HINT_RATIOS = (0.25, 0.5, 0.75)
+
+
+def sft_batch(problems, renderer, tokenizer, *, step: int, seed: int, hint_fraction: float,
+              max_completion_length: int) -> TrainBatch:
+    """Prompt = rendered problem (sometimes hinted); target = the worked solution + EOS."""
+    rng = random.Random(f"{seed}:sft:{step}")
+    samples = []
+    for p in problems:
+        ratio = rng.choice(SFT_HINT_RATIOS) if p.hint and rng.random() < hint_fraction else 0.0
+        prompt = renderer.render(p, ratio)
+        target = (p.hint or p.answer).strip()
+        ids = tokenizer(target, add_special_tokens=False)["input_ids"][: max_completion_length - 1]
+        ids = ids + [tokenizer.eos_token_id]
+        samples.append(TrainSample(prompt_ids=list(prompt.token_ids), completion_ids=ids, advantage=1.0,
+                                   completion_mask=[1] * len(ids)))
+    n_tokens = sum(len(s.completion_ids) for s in samples)
+    return TrainBatch(samples=samples, global_completion_tokens=n_tokens, global_num_sequences=len(samples))
+
+
+def run_sft(cfg: Config, *, resume: str | None) -> None:
+    from transformers import AutoTokenizer
+
+    from megatron_ghpo.data import PromptRenderer
+    from megatron_ghpo.policy import MegatronPolicy
+    from megatron_ghpo.train.components import check_model_dir, load_training_problems
+    from megatron_ghpo.train.data_stream import PromptStream
+    from megatron_ghpo.train.dist_utils import build_groups
+    from megatron_ghpo.train.metrics import MetricsLogger
+
+    if resume is not None:
+        raise NotImplementedError("megatron-ghpo sft --resume: SFT runs are short and restart from the model folder")
+    model_dir = check_model_dir(cfg.model.model_name_or_path)
+    out = Path(cfg.checkpoint.output_dir)
+    ck.resolve_resume(out, None, cfg.checkpoint.overwrite_output_dir)
+    problems = load_training_problems(cfg)
+    policy = MegatronPolicy.from_config(cfg, model_dir=str(model_dir), mode="sft")
+    groups = build_groups(policy.replica_ranks(), policy.rank)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    renderer = PromptRenderer(tokenizer, system_prompt=cfg.data.system_prompt,
+                              max_prompt_length=cfg.data.max_prompt_length, hint_template=cfg.ghpo.hint_template,
+                              hint_split=cfg.ghpo.hint_split, hint_guard=cfg.ghpo.hint_guard)
+    per_step = cfg.global_batch_completions(groups.world_size)  # SFT: one sequence per "completion" slot
+    stream = PromptStream(problems, prompts_per_step=per_step, dp_rank=groups.dp_rank, dp_size=groups.dp_size,
+                          seed=cfg.training.seed, shuffle=cfg.data.shuffle_dataset)
+    total = stream.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
+    metrics = MetricsLogger(out, enabled=groups.is_logger, report_to=cfg.logging.report_to, run_name=cfg.logging.run_name,
+                            wandb_project=cfg.logging.wandb_project, wandb_mode="disabled")
+    for step in progress(range(total), desc="sft", total=total):
+        batch = None
+        if groups.is_leader:
+            batch = sft_batch(stream.local_batch(step), renderer, tokenizer, step=step, seed=cfg.training.seed,
+                              hint_fraction=cfg.data.sft_hint_fraction,
+                              max_completion_length=cfg.rollout.max_completion_length)
+        batch = broadcast_object(batch, groups)
+        m = policy.sft_step(batch)
+        if groups.is_logger and ((step + 1) % cfg.logging.logging_steps == 0 or step + 1 == total):
+            metrics.log(step + 1, m)
+    policy.save_hf(out / "hf", tokenizer_dir=str(model_dir))
+    barrier()
+    metrics.close()
+    logger.info("SFT done: %d steps; Hugging Face folder at %s", total, out / "hf")

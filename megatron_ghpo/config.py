@@ -159,6 +159,8 @@ class GHPOConfig:
     """Queue hinted regenerations as soon as a group is known difficult (engines that support it)."""
     dynamic_sampling: bool = False
     """DAPO: drop zero-variance groups and refill from the dataset."""
+    dynamic_sampling_max_rounds: int = 3
+    """Refill rounds per step before the batch is completed with dropped (zero-variance) groups."""
 
     def __post_init__(self) -> None:
         ladder = self.hint_ladder
@@ -167,6 +169,8 @@ class GHPOConfig:
         _require(all(a < b for a, b in zip(ladder, ladder[1:])), "hint_ladder", ladder, "must be strictly increasing")
         _require(0 < self.hint_ratio < 1, "hint_ratio", self.hint_ratio, "must lie strictly inside (0, 1)")
         _require(self.start_hint_step >= 0, "start_hint_step", self.start_hint_step, "must be >= 0")
+        _require(self.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds",
+                 self.dynamic_sampling_max_rounds, "must be >= 1")
 
 
 @dataclass(kw_only=True)

@@ -72,7 +72,7 @@ class Group:
     reward_components: dict[str, list[float | None]] = field(default_factory=dict)
     """Raw per-function rewards, by reward name."""
     stage: int = 0
-    """Generation pass that produced these completions (0 = unhinted first pass)."""
+    """Hint-ladder stage of these completions: 0 = unhinted, k = ``hint_ladder[k-1]``."""
     train_prompt: Prompt | None = None
     """Prompt the policy is trained on (differs from ``prompt`` only in faithful mode, defect B1)."""
 

@@ -15,7 +15,7 @@ from megatron_ghpo.logging_utils import get_logger
 from megatron_ghpo.records import Group, TrainBatch
 from megatron_ghpo.rollout.base import SamplingParams
 from megatron_ghpo.train.data_stream import PromptStream
-from megatron_ghpo.train.dist_utils import TrainerGroups, any_across_leaders, build_groups
+from megatron_ghpo.train.dist_utils import TrainerGroups, any_across_leaders, build_groups, gather_across_leaders
 from megatron_ghpo.train.metrics import MetricsLogger
 
 logger = get_logger("trainer")
@@ -48,7 +48,8 @@ def ghpo_options(cfg: Config, *, streaming: bool):
     return GHPOOptions(rl_type=g.rl_type, hint_ladder=list(g.hint_ladder), hint_ratio=g.hint_ratio,
                        start_hint_step=g.start_hint_step, hint_template=g.hint_template, hint_split=g.hint_split,
                        hint_guard=g.hint_guard, hint_prompt_consistency=g.hint_prompt_consistency,
-                       hint_start=g.hint_start, streaming=streaming, dynamic_sampling=g.dynamic_sampling)
+                       hint_start=g.hint_start, streaming=streaming, dynamic_sampling=g.dynamic_sampling,
+                       dynamic_sampling_max_rounds=g.dynamic_sampling_max_rounds)
 
 
 def load_training_problems(cfg: Config):
@@ -62,6 +63,20 @@ def load_training_problems(cfg: Config):
     if not problems:
         raise ValueError(f"dataset {d.dataset_name!r} yielded no usable rows; check the file and the column mapping")
     return problems
+
+
+class Refill:
+    """DAPO refill draws: deterministic in (step, round), so resumed runs draw the same problems."""
+
+    def __init__(self, stream: PromptStream):
+        self.stream, self.step, self.round = stream, 0, 0
+
+    def start(self, step: int) -> None:
+        self.step, self.round = step, 0
+
+    def __call__(self, count: int):
+        self.round += 1
+        return self.stream.refill(self.step, self.round, count)
 
 
 @dataclass(kw_only=True)
@@ -78,13 +93,21 @@ class Components:
     memory: Any = None
     scorer: Any = None
     renderer: Any = None
+    refill: Any = None
 
     def make_batch(self, groups: list[Group]) -> tuple[TrainBatch, dict[str, float]]:
-        from megatron_ghpo.algo.advantages import group_advantages
+        from megatron_ghpo.algo.advantages import group_advantages, reward_moments, std_from_moments
         from megatron_ghpo.ghpo.batch import build_train_batch, group_rewards
 
         rewards = group_rewards(groups)
-        adv = group_advantages(rewards, self.cfg.algorithm.scale_rewards)
+        batch_std = None
+        if self.cfg.algorithm.scale_rewards == "batch" and self.groups.leaders_group is not None:
+            import torch.distributed as dist
+
+            moments = reward_moments(rewards)
+            dist.all_reduce(moments, group=self.groups.leaders_group)
+            batch_std = std_from_moments(moments)
+        adv = group_advantages(rewards, self.cfg.algorithm.scale_rewards, batch_std=batch_std)
         batch = build_train_batch(groups, adv, eos_token_id=self.tokenizer.eos_token_id,
                                   mask_truncated_completions=self.cfg.algorithm.mask_truncated_completions,
                                   reduce_sum=self._sum_over_leaders)
@@ -166,11 +189,11 @@ def build_components(cfg: Config, *, resume_step: int) -> Components:
         c.engine = build_rollout_engine(cfg, str(model_dir))
         c.memory = DifficultyMemory()
         streaming = g.streaming and isinstance(c.engine, StreamingRolloutEngine)
-        step_ref = {"step": 0}
+        c.refill = Refill(stream)
         c.sampler = GHPOSampler(
             engine=c.engine, render=c.renderer.render, score=c.scorer.score_groups, sampling=c.sampling,
             options=ghpo_options(cfg, streaming=streaming), any_global=lambda f: any_across_leaders(f, groups),
-            memory=c.memory,
-            refill=(lambda k: stream.refill(step_ref["step"], 0, k)) if g.dynamic_sampling else None,
+            memory=c.memory, gather_objects=(lambda obj: gather_across_leaders(obj, groups)),
+            refill=c.refill if g.dynamic_sampling else None,
         )
     return c

@@ -76,6 +76,15 @@ def any_across_leaders(flag: bool, groups: TrainerGroups) -> bool:
     return bool(t.item() > 0)
 
 
+def gather_across_leaders(obj: Any, groups: TrainerGroups) -> list[Any]:
+    """All-gather one picklable object from every leader (leaders only), in DP-rank order."""
+    if groups.leaders_group is None:
+        return [obj]
+    out: list[Any] = [None] * groups.dp_size
+    dist.all_gather_object(out, obj, group=groups.leaders_group)
+    return out
+
+
 def mean_across_leaders(metrics: dict[str, float], groups: TrainerGroups) -> dict[str, float]:
     """Average numeric metrics over replicas (leaders only); a key missing on a replica is averaged
     over the replicas that have it (e.g. a hint-ratio bucket seen on one rank only)."""

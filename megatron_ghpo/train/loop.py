@@ -61,6 +61,7 @@ class Trainer:
         if c.groups.is_leader:
             with timer("rollout"):  # generation + rewards + GHPO ladder (hinted regenerations included)
                 c.sampler.sampling = replace(c.sampling, seed=self.cfg.training.seed * 100_003 + step)
+                c.refill.start(step)
                 result = c.sampler.sample(c.stream.local_batch(step), step)
             with timer("advantages"):
                 batch, adv_metrics = c.make_batch(result.groups)

@@ -1,0 +1,195 @@
+"""One round of the hint ladder over a list of problems, batched or streaming.
+
+A round takes problems, gives each a *slot* (its current ladder stage and latest group), generates
+every slot at its start stage (pass 0), then moves difficult slots one stage up per pass until no
+slot on any data-parallel rank needs another pass or the top stage is reached.
+
+Multi-rank contract (deterministic and deadlock-free): ``any_global(flag)`` is an all-reduce
+("is the flag true on any rank?") and every rank makes the same sequence of calls:
+
+* batched: before pass p (p = 1..K) every rank calls ``any_global(this rank has a slot that needs
+  pass p)``; all ranks stop at the same p because they see the same result. A rank with nothing
+  to regenerate still takes part in the call and skips the engine call.
+* streaming: each rank decides per group locally (a difficult group is resubmitted as soon as it
+  is scored — the global decision could only ever regenerate a rank's *own* difficult groups, so
+  deciding locally trains exactly the same groups); afterwards every rank makes exactly K calls
+  ``any_global(this rank ran pass p)``, p = 1..K, which only count global generation passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from megatron_ghpo.ghpo.difficulty import check_scored, is_difficult, is_solved
+from megatron_ghpo.records import Completion, Group, Problem, Prompt
+from megatron_ghpo.rollout.base import RolloutEngine, SamplingParams, StreamingRolloutEngine
+
+
+@dataclass(kw_only=True)
+class Slot:
+    """One problem's progress through the ladder in one round."""
+
+    index: int
+    problem: Problem
+    start_rung: int
+    rung: int
+    group: Group | None = None
+    unhinted_prompt: Prompt | None = None
+    unhinted_group: Group | None = None
+    """The pass-0 unhinted group (for ``ghpo/acc_unhinted``), when stage 0 was sampled."""
+    solved_rung: int | None = None
+    generated: list[int] = field(default_factory=list)
+    """Stages this slot was sampled at, in order."""
+
+
+@dataclass(kw_only=True)
+class RoundContext:
+    """What a round needs from the sampler."""
+
+    engine: RolloutEngine
+    render: Callable[[Problem, float], Prompt]
+    score: Callable[[list[Group]], dict[str, float]]
+    sampling: SamplingParams
+    rungs: list[float]
+    """Ratio of every stage (``rungs[0]`` is the first stage's ratio; the ladder is ``rungs[1:]``)."""
+    climb: bool
+    """True when difficult groups move up the ladder (GHPO); False for a single pass."""
+    any_global: Callable[[bool], bool]
+    step: int
+    round_index: int
+    score_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def top(self) -> int:
+        return len(self.rungs) - 1
+
+
+def _prompt_for(ctx: RoundContext, slot: Slot) -> Prompt:
+    ratio = ctx.rungs[slot.rung]
+    prompt = ctx.render(slot.problem, ratio)
+    if not isinstance(prompt, Prompt):
+        raise TypeError(
+            f"render must return a Prompt, got {type(prompt).__name__} for problem {slot.problem.uid!r}"
+        )
+    if abs(prompt.hint_ratio - ratio) > 1e-9:
+        raise ValueError(
+            f"render returned hint_ratio={prompt.hint_ratio} for ratio {ratio} (problem {slot.problem.uid!r}); "
+            "set Prompt.hint_ratio to the ratio it was asked for"
+        )
+    if ratio == 0.0 and slot.unhinted_prompt is None:
+        slot.unhinted_prompt = prompt
+    return prompt
+
+
+def _check_completions(ctx: RoundContext, uid: str, comps: list[Completion]) -> None:
+    if len(comps) != ctx.sampling.n:
+        raise RuntimeError(
+            f"engine returned {len(comps)} completions for problem {uid!r}, expected {ctx.sampling.n}"
+        )
+
+
+def _score(ctx: RoundContext, groups: list[Group]) -> None:
+    if not groups:
+        return
+    metrics = ctx.score(groups) or {}
+    for key, value in metrics.items():
+        ctx.score_metrics[key] = ctx.score_metrics.get(key, 0.0) + float(value)
+    for g in groups:
+        check_scored(g)
+
+
+def _settle(ctx: RoundContext, slot: Slot, group: Group) -> None:
+    """Record a scored group on its slot."""
+    slot.group = group
+    slot.generated.append(slot.rung)
+    if slot.rung == 0 and group.prompt.hint_ratio == 0.0:
+        slot.unhinted_group = group
+    if slot.solved_rung is None and is_solved(group):
+        slot.solved_rung = slot.rung
+
+
+def needs_next(ctx: RoundContext, slot: Slot) -> bool:
+    """True when the slot's group is difficult and a higher stage with a hint is available."""
+    return (
+        ctx.climb
+        and slot.group is not None
+        and slot.rung < ctx.top
+        and slot.problem.hint is not None
+        and is_difficult(slot.group)
+    )
+
+
+def _make_group(ctx: RoundContext, slot: Slot, prompt: Prompt, comps: list[Completion]) -> Group:
+    _check_completions(ctx, slot.problem.uid, comps)
+    return Group(prompt=prompt, completions=list(comps), stage=slot.rung)
+
+
+def run_batched(ctx: RoundContext, slots: list[Slot]) -> int:
+    """Batched ladder; returns the number of generation passes that ran on any rank."""
+    active = list(slots)
+    passes = 0
+    for p in range(ctx.top + 1 if ctx.climb else 1):
+        if p > 0:
+            active = [s for s in slots if needs_next(ctx, s)]
+            if not ctx.any_global(bool(active)):
+                break
+            for s in active:
+                s.rung += 1
+        passes += 1
+        if not active:
+            continue
+        prompts = [_prompt_for(ctx, s) for s in active]
+        outs = ctx.engine.generate([pr.token_ids for pr in prompts], ctx.sampling)
+        if len(outs) != len(prompts):
+            raise RuntimeError(f"engine returned {len(outs)} groups for {len(prompts)} prompts")
+        groups = [_make_group(ctx, s, pr, c) for s, pr, c in zip(active, prompts, outs)]
+        _score(ctx, groups)
+        for s, g in zip(active, groups):
+            _settle(ctx, s, g)
+    return passes
+
+
+def run_streaming(ctx: RoundContext, slots: list[Slot]) -> int:
+    """Streaming ladder on a StreamingRolloutEngine; returns global generation passes."""
+    engine = ctx.engine
+    if not isinstance(engine, StreamingRolloutEngine):
+        raise TypeError(f"streaming needs a StreamingRolloutEngine, got {type(engine).__name__}")
+    if engine.has_pending():
+        raise RuntimeError(
+            "streaming sampler found requests already pending on the engine; it must own the engine"
+        )
+    inflight: dict[str, tuple[Slot, Prompt]] = {}
+
+    def submit(slot: Slot) -> None:
+        prompt = _prompt_for(ctx, slot)
+        rid = f"s{ctx.step}.r{ctx.round_index}.g{slot.index}.k{slot.rung}"
+        inflight[rid] = (slot, prompt)
+        engine.submit(rid, prompt.token_ids, ctx.sampling)
+
+    for s in slots:
+        submit(s)
+    while engine.has_pending():
+        finished = engine.poll()
+        if not finished:
+            raise RuntimeError("StreamingRolloutEngine.poll returned nothing while requests are pending")
+        batch: list[tuple[Slot, Group]] = []
+        for rid, comps in finished:
+            if rid not in inflight:
+                raise RuntimeError(f"engine returned unknown or repeated request id {rid!r}")
+            slot, prompt = inflight.pop(rid)
+            batch.append((slot, _make_group(ctx, slot, prompt, comps)))
+        _score(ctx, [g for _, g in batch])
+        for slot, g in batch:
+            _settle(ctx, slot, g)
+            if needs_next(ctx, slot):
+                slot.rung += 1
+                submit(slot)
+    if inflight:
+        raise RuntimeError(f"engine reported no pending work but {len(inflight)} requests never returned")
+    passes = 1
+    for p in range(1, ctx.top + 1 if ctx.climb else 1):
+        ran_here = any(len(s.generated) > p for s in slots)
+        if ctx.any_global(ran_here):
+            passes += 1
+    return passes

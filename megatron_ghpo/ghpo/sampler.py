@@ -1,0 +1,238 @@
+"""GHPOSampler: problems in, trained groups out (GHPO ladder, GRPO, fixed-hint GRPO, DAPO filter).
+
+Pure logic: the sampler talks to a RolloutEngine and to injected callables, never to torch.distributed
+directly, so a single process, a test double and a multi-rank run share one code path.
+
+* ``render(problem, ratio) -> Prompt``: the chat-templated prompt whose user turn is
+  ``hinted_user_text(problem, ratio, options)`` (ratio 0 = unhinted); must set ``hint_ratio``.
+* ``score(groups) -> metrics``: fills ``group.rewards`` / ``group.accuracy`` in place; its metric
+  values are summed over the step's calls (report counts).
+* ``any_global(flag) -> bool``: all-reduce "true on any data-parallel rank" (identity on one rank).
+  Call pattern: see :mod:`megatron_ghpo.ghpo.ladder`; every rank makes the same calls.
+* ``refill(n) -> problems``: up to n fresh problems for DAPO dynamic sampling.
+* ``gather_objects(obj) -> [obj of rank 0, rank 1, …]``: all-gather used to keep the difficulty
+  memory identical on every rank (one call per round when a memory is given; omit on one rank).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_ghpo.ghpo.difficulty import is_difficult, is_solved
+from megatron_ghpo.ghpo.ladder import RoundContext, Slot, run_batched, run_streaming
+from megatron_ghpo.ghpo.memory import DifficultyMemory, VisitOutcome
+from megatron_ghpo.ghpo.metrics import StepStats
+from megatron_ghpo.ghpo.options import GHPOOptions
+from megatron_ghpo.logging_utils import get_logger
+from megatron_ghpo.records import Group, Problem, Prompt
+from megatron_ghpo.rollout.base import RolloutEngine, SamplingParams, StreamingRolloutEngine
+
+logger = get_logger(__name__)
+
+
+def _identity(flag: bool) -> bool:
+    return flag
+
+
+@dataclass(kw_only=True)
+class SampleResult:
+    """The groups to train on (same count as the problems asked for) and the step's metrics."""
+
+    groups: list[Group]
+    metrics: dict[str, float]
+
+
+def _zero_variance(group: Group) -> bool:
+    vals = [
+        0.0 if (r is None or (isinstance(r, float) and math.isnan(r))) else float(r) for r in group.rewards
+    ]
+    return len(set(vals)) <= 1
+
+
+class GHPOSampler:
+    """Runs one optimizer step's sampling: generation, scoring, the hint ladder, DAPO filtering."""
+
+    def __init__(
+        self,
+        *,
+        engine: RolloutEngine,
+        render: Callable[[Problem, float], Prompt],
+        score: Callable[[list[Group]], dict[str, float]],
+        sampling: SamplingParams,
+        options: GHPOOptions,
+        any_global: Callable[[bool], bool] = _identity,
+        memory: DifficultyMemory | None = None,
+        refill: Callable[[int], list[Problem]] | None = None,
+        gather_objects: Callable[[Any], list[Any]] | None = None,
+    ) -> None:
+        if sampling.n < 2:
+            raise ValueError(
+                f"num_generations (SamplingParams.n) must be >= 2 for group-relative training, got {sampling.n}"
+            )
+        if options.streaming and not isinstance(engine, StreamingRolloutEngine):
+            raise TypeError(
+                f"ghpo.streaming is true but the rollout engine {type(engine).__name__} has no submit/poll/has_pending; "
+                "use a streaming engine or set ghpo.streaming: false"
+            )
+        if options.hint_start == "memory" and memory is None:
+            raise ValueError("ghpo.hint_start: memory needs a DifficultyMemory (pass memory=...)")
+        if options.dynamic_sampling and refill is None:
+            raise ValueError(
+                "ghpo.dynamic_sampling needs a refill callable that draws fresh problems from the dataset"
+            )
+        self.engine = engine
+        self.render = render
+        self.score = score
+        self.sampling = sampling
+        self.options = options
+        self.any_global = any_global
+        self.memory = memory
+        self.refill = refill
+        self.gather_objects = gather_objects
+
+    # ---------------------------------------------------------------- mode
+    def _mode(self, step: int) -> tuple[list[float], bool]:
+        """(stage ratios, climb) for this step."""
+        o = self.options
+        hints_on = step >= o.start_hint_step
+        if o.rl_type == "ghpo" and hints_on:
+            return o.rungs, True
+        if o.rl_type == "grpo_fixed_hint" and hints_on:
+            return [0.0, o.hint_ratio], False
+        return [0.0], False
+
+    def _start_rung(self, problem: Problem, rungs: list[float], climb: bool) -> int:
+        if problem.hint is None:
+            return 0
+        if not climb:
+            return len(rungs) - 1  # fixed hint (1) or plain GRPO (0)
+        if self.options.hint_start == "memory":
+            assert self.memory is not None
+            return self.memory.start_rung(problem.uid, rungs)
+        return 0
+
+    # ---------------------------------------------------------------- rounds
+    def _run_round(
+        self, problems: list[Problem], step: int, index: int, stats: StepStats, score_metrics: dict
+    ) -> list[Slot]:
+        rungs, climb = self._mode(step)
+        slots = []
+        for i, p in enumerate(problems):
+            if not isinstance(p, Problem):
+                raise TypeError(
+                    f"problem {i} is a {type(p).__name__}, expected megatron_ghpo.records.Problem"
+                )
+            start = self._start_rung(p, rungs, climb)
+            slots.append(Slot(index=i, problem=p, start_rung=start, rung=start))
+        ctx = RoundContext(
+            engine=self.engine,
+            render=self.render,
+            score=self.score,
+            sampling=self.sampling,
+            rungs=rungs,
+            climb=climb,
+            any_global=self.any_global,
+            step=step,
+            round_index=index,
+            score_metrics=score_metrics,
+        )
+        run = run_streaming if self.options.streaming else run_batched
+        passes = run(ctx, slots)
+        self._assign_train_prompts(slots, climb)
+        stats.add_round(
+            slots, passes, top=len(rungs) - 1, climb=climb, from_memory=self.options.hint_start == "memory"
+        )
+        self._remember(slots, rungs, climb, step)
+        return slots
+
+    def _assign_train_prompts(self, slots: list[Slot], climb: bool) -> None:
+        faithful = climb and self.options.hint_prompt_consistency == "faithful"
+        top_local = max((s.rung for s in slots), default=0)
+        for s in slots:
+            assert s.group is not None
+            if faithful and 0 < s.rung < top_local:
+                # Defect B1, reproduced: the last local ladder stage rebuilt every prompt that was not
+                # difficult at that stage from the unhinted row.
+                s.group.train_prompt = s.unhinted_prompt or self.render(s.problem, 0.0)
+            else:
+                s.group.train_prompt = s.group.prompt
+
+    def _remember(self, slots: list[Slot], rungs: list[float], climb: bool, step: int) -> None:
+        if self.memory is None:
+            return
+        outcomes = []
+        for s in slots:
+            assert s.group is not None
+            unhinted = None
+            if s.unhinted_group is not None:
+                unhinted = (
+                    True
+                    if is_solved(s.unhinted_group)
+                    else (False if is_difficult(s.unhinted_group) else None)
+                )
+            conclusive = climb and (
+                s.solved_rung is not None or (is_difficult(s.group) and s.problem.hint is not None)
+            )
+            outcomes.append(
+                VisitOutcome(
+                    uid=s.problem.uid,
+                    step=step,
+                    start_ratio=rungs[s.start_rung],
+                    solved_ratio=rungs[s.solved_rung] if s.solved_rung is not None else None,
+                    unhinted_solved=unhinted,
+                    conclusive=conclusive,
+                )
+            )
+        per_rank = self.gather_objects(outcomes) if self.gather_objects is not None else [outcomes]
+        for rank_outcomes in per_rank:
+            for outcome in rank_outcomes:
+                self.memory.update(outcome)
+
+    # ---------------------------------------------------------------- step
+    def sample(self, problems: list[Problem], step: int) -> SampleResult:
+        """Sample, score and (per the options) hint one step's problems on this rank."""
+        rungs, _ = self._mode(step)
+        stats = StepStats(rungs=rungs, num_stages=len(rungs))
+        score_metrics: dict[str, float] = {}
+        slots = self._run_round(list(problems), step, 0, stats, score_metrics)
+        groups = [s.group for s in slots]
+        extra: dict[str, float] = {}
+        if self.options.dynamic_sampling:
+            groups, extra = self._dynamic_sampling(groups, len(problems), step, stats, score_metrics)
+        metrics = stats.finish(groups, extra)
+        metrics.update(score_metrics)
+        return SampleResult(groups=groups, metrics=metrics)
+
+    def _dynamic_sampling(
+        self, groups: list[Group], target: int, step: int, stats: StepStats, score_metrics: dict
+    ) -> tuple[list[Group], dict[str, float]]:
+        """Drop zero-variance groups and refill; complete a short batch with dropped groups.
+
+        Every rank makes the same ``any_global`` calls: one per refill round (plus the ladder's).
+        """
+        kept = [g for g in groups if not _zero_variance(g)]
+        dropped = [g for g in groups if _zero_variance(g)]
+        rounds = 0
+        while rounds < self.options.dynamic_sampling_max_rounds:
+            missing = target - len(kept)
+            if not self.any_global(missing > 0):
+                break
+            rounds += 1
+            fresh = list(self.refill(missing)) if missing > 0 else []  # type: ignore[misc]
+            if len(fresh) > missing:
+                raise ValueError(f"refill returned {len(fresh)} problems when {missing} were asked for")
+            slots = self._run_round(fresh, step, rounds, stats, score_metrics)
+            for s in slots:
+                (dropped if _zero_variance(s.group) else kept).append(s.group)
+        filler = dropped[: max(0, target - len(kept))]
+        if filler:
+            logger.debug("dynamic sampling completed the batch with %d zero-variance groups", len(filler))
+        extra = {
+            "dapo/dropped_groups": float(len(dropped)),
+            "dapo/refill_rounds": float(rounds),
+            "dapo/filler_groups": float(len(filler)),
+        }
+        return kept + filler, extra

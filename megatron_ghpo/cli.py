@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sft)
     sft.add_argument("--resume", help=argparse.SUPPRESS)
     sft.set_defaults(func=cmd_sft)
+    from megatron_ghpo.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -209,6 +209,10 @@ class AlgorithmConfig:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the group's (or the batch's) reward std; YAML true/false mean group/none."""
     mask_truncated_completions: bool = False
+    use_rollout_logprobs: bool = False
+    """Importance ratio against the rollout engine's log-probs (off-policy correction) instead of the
+    reference's ratio = 1; the engine's log-probs are always compared to the policy's as
+    `rollout/logprob_diff`."""
 
     def __post_init__(self) -> None:
         if self.scale_rewards is True:  # the seed recipe's boolean

@@ -95,7 +95,9 @@ class TrainSample:
     completion_mask: list[int]
     """1 for completion tokens that count in the loss (up to and including the first EOS)."""
     old_logprobs: list[float] | None = None
-    """Log-probs of ``completion_ids`` at sampling time (rollout engine), if known."""
+    """Behaviour log-probs for the importance ratio; None = on-policy (ratio = 1, the reference's)."""
+    rollout_logprobs: list[float] | None = None
+    """The rollout engine's log-probs of ``completion_ids`` (for ``rollout/logprob_diff``)."""
     ref_logprobs: list[float] | None = None
     """Reference-model log-probs of ``completion_ids`` (only when ``beta > 0``)."""
     group_index: int = 0

@@ -18,8 +18,10 @@ Multi-rank contract (deterministic and deadlock-free): ``any_global(flag)`` is a
 
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megatron_ghpo.ghpo.difficulty import check_scored, is_difficult, is_solved
 from megatron_ghpo.records import Completion, Group, Problem, Prompt
@@ -63,6 +65,16 @@ class RoundContext:
     @property
     def top(self) -> int:
         return len(self.rungs) - 1
+
+
+def request_sampling(sampling: SamplingParams, slot: Slot) -> SamplingParams:
+    """Per-request sampling for streamed requests: with a step seed set, each (problem, stage) gets its
+    own seed derived from it, so samples do not depend on the order requests finish in and two
+    streamed prompts never share a random stream."""
+    if sampling.seed is None:
+        return sampling
+    digest = hashlib.sha256(f"{sampling.seed}:{slot.problem.uid}:{slot.rung}".encode()).digest()
+    return replace(sampling, seed=int.from_bytes(digest[:4], "big") & 0x7FFFFFFF)
 
 
 def _prompt_for(ctx: RoundContext, slot: Slot) -> Prompt:
@@ -165,7 +177,7 @@ def run_streaming(ctx: RoundContext, slots: list[Slot]) -> int:
         prompt = _prompt_for(ctx, slot)
         rid = f"s{ctx.step}.r{ctx.round_index}.g{slot.index}.k{slot.rung}"
         inflight[rid] = (slot, prompt)
-        engine.submit(rid, prompt.token_ids, ctx.sampling)
+        engine.submit(rid, prompt.token_ids, request_sampling(ctx.sampling, slot))
 
     for s in slots:
         submit(s)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,13 @@ def check_model_dir(path: str) -> Path:
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model folder {path!r} has no config.json: it is not a Hugging Face model folder")
     return p
+
+
+def build_policy(cfg: Config, model_dir: Path, *, total_steps: int, mode: str):
+    from megatron_ghpo.policy import MegatronPolicy
+    from megatron_ghpo.policy.from_config import policy_kwargs, weights_source
+
+    return MegatronPolicy(**weights_source(model_dir), **policy_kwargs(cfg, total_steps=total_steps, mode=mode))
 
 
 def sampling_from_config(cfg: Config, *, n: int | None = None) -> SamplingParams:
@@ -65,6 +72,16 @@ def load_training_problems(cfg: Config):
     return problems
 
 
+def _sum_list(xs: list[float], groups: TrainerGroups) -> list[float]:
+    if groups.leaders_group is None:
+        return xs
+    import torch.distributed as dist
+
+    t = torch.tensor(xs, dtype=torch.float64)
+    dist.all_reduce(t, group=groups.leaders_group)
+    return t.tolist()
+
+
 class Refill:
     """DAPO refill draws: deterministic in (step, round), so resumed runs draw the same problems."""
 
@@ -77,6 +94,28 @@ class Refill:
     def __call__(self, count: int):
         self.round += 1
         return self.stream.refill(self.step, self.round, count)
+
+
+def engine_dtype(cfg: Config) -> str:
+    d = cfg.model.torch_dtype
+    return ("bfloat16" if cfg.model.bf16 else "float32") if d == "auto" else d
+
+
+def engine_from_config(cfg: Config, model_dir: str, *, world_size: int):
+    """The leader's rollout engine: vLLM (or the transformers engine when ``use_vllm: false``)."""
+    from megatron_ghpo.rollout.factory import build_rollout_engine
+
+    r = cfg.rollout
+    common = dict(dtype=engine_dtype(cfg), max_model_len=cfg.data.max_prompt_length + r.max_completion_length,
+                  seed=cfg.training.seed)
+    if not r.use_vllm:
+        return build_rollout_engine("hf", model_dir, **common)
+    return build_rollout_engine(
+        "vllm", model_dir, **common, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+        enable_prefix_caching=r.vllm_enable_prefix_caching,
+        kv_cache_gib=None if torch.cuda.is_available() else r.vllm_kv_cache_gb,
+        colocate="per_rank" if world_size > 1 else "none",
+    )
 
 
 @dataclass(kw_only=True)
@@ -94,6 +133,7 @@ class Components:
     scorer: Any = None
     renderer: Any = None
     refill: Any = None
+    evaluator: Any = None
 
     def make_batch(self, groups: list[Group]) -> tuple[TrainBatch, dict[str, float]]:
         from megatron_ghpo.algo.advantages import group_advantages, reward_moments, std_from_moments
@@ -111,8 +151,13 @@ class Components:
         batch = build_train_batch(groups, adv, eos_token_id=self.tokenizer.eos_token_id,
                                   mask_truncated_completions=self.cfg.algorithm.mask_truncated_completions,
                                   reduce_sum=self._sum_over_leaders)
+        if not self.cfg.algorithm.use_rollout_logprobs:  # the reference's ratio = 1 (old = current, detached)
+            batch.samples = [replace(s, rollout_logprobs=s.old_logprobs, old_logprobs=None) for s in batch.samples]
         lengths = [len(s.completion_ids) for s in batch.samples]
-        return batch, {"train/advantage_abs_mean": float(adv.abs().mean()),
+        finite = rewards[torch.isfinite(rewards)]
+        return batch, {"train/reward": float(finite.mean()) if finite.numel() else float("nan"),
+                       "train/reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
+                       "train/advantage_abs_mean": float(adv.abs().mean()),
                        "rollout/completion_len": sum(lengths) / max(1, len(lengths)),
                        "rollout/truncated_frac": sum(c.truncated for g in groups for c in g.completions)
                        / max(1, len(lengths))}
@@ -135,14 +180,26 @@ class Components:
             self.engine.wake()
 
     def evaluate(self, step: int) -> dict[str, float]:
-        from megatron_ghpo.eval.inloop import evaluate_in_loop
-
+        """In-loop evaluation on the leader's engine (no hints); ``eval_tasks`` entries are registered
+        task names or ``name=...,path=...`` custom task strings."""
         if not self.groups.is_leader:
             return {}
-        e = self.cfg.eval
-        return evaluate_in_loop(self.engine, self.renderer, e.eval_tasks, samples=e.eval_samples, limit=e.eval_limit,
-                                max_tokens=self.cfg.rollout.max_completion_length, seed=self.cfg.training.seed,
-                                pool=getattr(self.scorer, "pool", None))
+        if self.evaluator is None:
+            from megatron_ghpo.eval.inloop import InLoopEvaluator
+            from megatron_ghpo.eval.runner import SamplingOverrides
+            from megatron_ghpo.eval.tasks import parse_custom_task
+
+            e = self.cfg.eval
+            tasks = [parse_custom_task(t) if "=" in t else t for t in e.eval_tasks]
+            self.evaluator = InLoopEvaluator(
+                self.renderer, tasks, samples=e.eval_samples, limit=e.eval_limit,
+                sampling=SamplingOverrides(samples=e.eval_samples, max_new_tokens=self.cfg.rollout.max_completion_length,
+                                           seed=self.cfg.training.seed),
+                out_root=Path(self.cfg.checkpoint.output_dir) / "eval",
+                shard=(self.groups.dp_rank, self.groups.dp_size),
+                all_reduce=lambda xs: _sum_list(xs, self.groups),
+            )
+        return self.evaluator(self.engine, step)
 
     def close(self) -> None:
         self.metrics.close()
@@ -152,20 +209,22 @@ class Components:
 
 def build_components(cfg: Config, *, resume_step: int) -> Components:
     """Collective: every rank calls it. Heavy imports happen here, not at module import."""
-    from megatron_ghpo.policy import MegatronPolicy
     from megatron_ghpo.rewards import RewardScorer, get_reward_funcs
     from transformers import AutoTokenizer
 
     model_dir = check_model_dir(cfg.model.model_name_or_path)
     problems = load_training_problems(cfg)
-    policy = MegatronPolicy.from_config(cfg, model_dir=str(model_dir))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prompts_per_step = cfg.global_batch_completions(world) // cfg.rollout.num_generations
+    total_steps = PromptStream.count_steps(len(problems), prompts_per_step, cfg.training.num_train_epochs,
+                                           cfg.training.max_steps)
+    policy = build_policy(cfg, model_dir, total_steps=total_steps, mode="rl")
     groups = build_groups(policy.replica_ranks(), policy.rank)
     out = Path(cfg.checkpoint.output_dir)
     if groups.is_logger:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
-    prompts_per_step = cfg.global_batch_completions(groups.world_size) // cfg.rollout.num_generations
     stream = PromptStream(problems, prompts_per_step=prompts_per_step, dp_rank=groups.dp_rank,
                           dp_size=groups.dp_size, seed=cfg.training.seed, shuffle=cfg.data.shuffle_dataset)
     lg = cfg.logging
@@ -174,11 +233,13 @@ def build_components(cfg: Config, *, resume_step: int) -> Components:
                             config=config_to_dict(cfg), resume_step=resume_step)
     c = Components(cfg=cfg, groups=groups, policy=policy, stream=stream, tokenizer=tokenizer, metrics=metrics,
                    sampling=sampling_from_config(cfg))
+    # vLLM builds its process groups over the whole torch world, so every rank starts an engine at the
+    # same moment (colocate="per_rank"); only the rollout leaders generate with theirs.
+    c.engine = engine_from_config(cfg, str(model_dir), world_size=groups.world_size)
     if groups.is_leader:
         from megatron_ghpo.data import PromptRenderer
         from megatron_ghpo.ghpo.memory import DifficultyMemory
         from megatron_ghpo.ghpo.sampler import GHPOSampler
-        from megatron_ghpo.rollout import build_rollout_engine
         from megatron_ghpo.rollout.base import StreamingRolloutEngine
 
         g = cfg.ghpo
@@ -186,7 +247,6 @@ def build_components(cfg: Config, *, resume_step: int) -> Components:
                                     max_prompt_length=cfg.data.max_prompt_length, hint_template=g.hint_template,
                                     hint_split=g.hint_split, hint_guard=g.hint_guard)
         c.scorer = RewardScorer(get_reward_funcs(cfg.rewards.reward_funcs), cfg.rewards.weights)
-        c.engine = build_rollout_engine(cfg, str(model_dir))
         c.memory = DifficultyMemory()
         streaming = g.streaming and isinstance(c.engine, StreamingRolloutEngine)
         c.refill = Refill(stream)

@@ -31,9 +31,14 @@ class PromptStream:
         return math.ceil(len(self.problems) / self.prompts_per_step)
 
     def total_steps(self, num_train_epochs: float, max_steps: int) -> int:
+        return self.count_steps(len(self.problems), self.prompts_per_step, num_train_epochs, max_steps)
+
+    @staticmethod
+    def count_steps(num_problems: int, prompts_per_step: int, num_train_epochs: float, max_steps: int) -> int:
+        """Optimizer steps of a run: ``max_steps`` when set, else epochs x dataset / prompts per step."""
         if max_steps > 0:
             return max_steps
-        return max(1, math.ceil(num_train_epochs * len(self.problems) / self.prompts_per_step))
+        return max(1, math.ceil(num_train_epochs * num_problems / prompts_per_step))
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:

@@ -13,7 +13,7 @@ import torch
 from megatron_ghpo.config import Config
 from megatron_ghpo.logging_utils import get_logger, progress
 from megatron_ghpo.train import checkpointing as ck
-from megatron_ghpo.train.components import Components, build_components
+from megatron_ghpo.train.components import Components, build_components, engine_dtype
 from megatron_ghpo.train.dist_utils import barrier, broadcast_object, mean_across_leaders
 from megatron_ghpo.train.state import load_trainer_state, save_trainer_state
 
@@ -91,10 +91,11 @@ class Trainer:
     def _sync_weights(self) -> None:
         """Every rank walks the bridge's bucketed export; the leader feeds its engine as buckets arrive."""
         c = self.c
-        weights = c.policy.export_hf_weights(bucket_bytes=self.cfg.rollout.bridge_bucket_bytes)
+        weights = c.policy.export_hf_weights(bucket_bytes=self.cfg.rollout.bridge_bucket_bytes,
+                                             dtype=getattr(torch, engine_dtype(self.cfg)), destination="first")
         if c.groups.is_leader:
             c.engine.load_weights(weights)
-        else:
+        else:  # the export is collective: non-leaders take part and drop the tensors
             for _ in weights:
                 pass
         self.weight_version += 1

@@ -9,6 +9,7 @@ the rollout engine load directly.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -44,8 +45,7 @@ def run_sft(cfg: Config, *, resume: str | None) -> None:
     from transformers import AutoTokenizer
 
     from megatron_ghpo.data import PromptRenderer
-    from megatron_ghpo.policy import MegatronPolicy
-    from megatron_ghpo.train.components import check_model_dir, load_training_problems
+    from megatron_ghpo.train.components import build_policy, check_model_dir, load_training_problems
     from megatron_ghpo.train.data_stream import PromptStream
     from megatron_ghpo.train.dist_utils import build_groups
     from megatron_ghpo.train.metrics import MetricsLogger
@@ -56,16 +56,17 @@ def run_sft(cfg: Config, *, resume: str | None) -> None:
     out = Path(cfg.checkpoint.output_dir)
     ck.resolve_resume(out, None, cfg.checkpoint.overwrite_output_dir)
     problems = load_training_problems(cfg)
-    policy = MegatronPolicy.from_config(cfg, model_dir=str(model_dir), mode="sft")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = cfg.global_batch_completions(world)  # SFT: one sequence per "completion" slot
+    total = PromptStream.count_steps(len(problems), per_step, cfg.training.num_train_epochs, cfg.training.max_steps)
+    policy = build_policy(cfg, model_dir, total_steps=total, mode="sft")
     groups = build_groups(policy.replica_ranks(), policy.rank)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     renderer = PromptRenderer(tokenizer, system_prompt=cfg.data.system_prompt,
                               max_prompt_length=cfg.data.max_prompt_length, hint_template=cfg.ghpo.hint_template,
                               hint_split=cfg.ghpo.hint_split, hint_guard=cfg.ghpo.hint_guard)
-    per_step = cfg.global_batch_completions(groups.world_size)  # SFT: one sequence per "completion" slot
     stream = PromptStream(problems, prompts_per_step=per_step, dp_rank=groups.dp_rank, dp_size=groups.dp_size,
                           seed=cfg.training.seed, shuffle=cfg.data.shuffle_dataset)
-    total = stream.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
     metrics = MetricsLogger(out, enabled=groups.is_logger, report_to=cfg.logging.report_to, run_name=cfg.logging.run_name,
                             wandb_project=cfg.logging.wandb_project, wandb_mode="disabled")
     for step in progress(range(total), desc="sft", total=total):

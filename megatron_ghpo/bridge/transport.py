@@ -1,0 +1,276 @@
+"""How a bucket's HF tensors reach the ranks of a model-parallel group.
+
+``collective`` (any backend; the one used with CUDA/NCCL or across hosts). Each rank owns a
+bucket buffer. For a TP-partitioned parameter, TP rank ``r`` broadcasts its shard over the TP
+group and every rank copies it into the strided destination views of
+:func:`~megatron_ghpo.bridge.layout.shard_pairs`. A shard whose destination is one contiguous
+run of the buffer in the same dtype is received in place; any other goes through one shard-sized
+scratch tensor. (No all-gather: gloo's stages the whole output in a second internal buffer.) With
+PP > 1 the owning stage then broadcasts the filled buffer over the pipeline group
+(``destination="all"``) or sends it to pipeline rank 0 (``"first"``, TP rank 0 only).
+
+``shm`` (CPU ranks of one machine, gloo). The group maps one bucket buffer in ``/dev/shm``
+(created by its first rank, unlinked as soon as every rank has mapped it, so nothing outlives the
+processes). The owning stage's TP ranks each copy *their own shard* straight into the shared
+buffer (replicated tensors: TP rank 0), a barrier publishes it, and every rank reads the same
+physical pages: no bytes cross a socket and no rank copies more than its shard. Before the buffer
+is refilled, a collective flag checks that no rank still holds tensors of the previous bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from typing import Literal
+
+import torch
+
+from megatron_ghpo.bridge.buckets import Bucket, BucketBuffer
+from megatron_ghpo.bridge.layout import TP_PARTITION_DIM, shard_pairs
+from megatron_ghpo.bridge.plan import Plan, PlanEntry
+from megatron_ghpo.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+TransportName = Literal["auto", "collective", "shm"]
+SHM_DIR = "/dev/shm"
+
+
+class Groups:
+    """Megatron's TP, PP and model-parallel groups of this rank, with global ranks by group rank."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.tp_group, self.pp_group, self.mp_group = (
+            ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(), ps.get_model_parallel_group(),
+        )  # fmt: skip
+        self.tp, self.tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        self.pp, self.pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+        self.tp_ranks = torch.distributed.get_process_group_ranks(self.tp_group)
+        self.pp_ranks = torch.distributed.get_process_group_ranks(self.pp_group)
+        self.mp_ranks = torch.distributed.get_process_group_ranks(self.mp_group)
+        self.mp_rank = self.mp_ranks.index(torch.distributed.get_rank())
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _check_param(e: PlanEntry, param: torch.Tensor | None) -> torch.Tensor:
+    if param is None or tuple(param.shape) != e.local_shape:
+        raise RuntimeError(f"{e.name}: this rank's parameter is missing or has another shape than planned {e.local_shape}")
+    return param.detach()
+
+
+def write_own_shard(e: PlanEntry, local: torch.Tensor, hf: list[torch.Tensor], plan: Plan, tp_rank: int) -> None:
+    """Copy this rank's shard of ``e`` into its places in the HF views ``hf`` (cast on the fly)."""
+    rank = tp_rank if TP_PARTITION_DIM[e.layout] is not None else 0
+    for loc, dst in shard_pairs(e.layout, local, hf, rank, plan.tp, plan.dims):
+        dst.copy_(loc)
+
+
+def _gather_entry(e: PlanEntry, local: torch.Tensor, hf: list[torch.Tensor], plan: Plan, g: Groups) -> None:
+    """Collective transport: every TP rank of the owning stage assembles all shards of ``e`` into ``hf``."""
+    if TP_PARTITION_DIM[e.layout] is None or g.tp == 1:
+        write_own_shard(e, local, hf, plan, g.tp_rank)
+        return
+    scratch: torch.Tensor | None = None
+    for r in range(g.tp):
+        mine = r == g.tp_rank
+        shard = local if mine else torch.empty(e.local_shape, dtype=e.dtype, device="meta")
+        pairs = shard_pairs(e.layout, shard, hf, r, g.tp, plan.dims)
+        if not pairs:
+            continue
+        loc, dst = pairs[0]
+        if len(pairs) == 1 and loc.is_contiguous() and dst.is_contiguous() and dst.dtype == e.dtype:
+            torch.distributed.broadcast(_as_bytes(loc if mine else dst), g.tp_ranks[r], group=g.tp_group)
+            if mine:
+                dst.copy_(loc)
+            continue
+        if mine:
+            torch.distributed.broadcast(_as_bytes(local.contiguous()), g.tp_ranks[r], group=g.tp_group)
+            src_pairs = pairs
+        else:
+            if scratch is None:
+                scratch = torch.empty(e.local_shape, dtype=e.dtype, device=local.device)
+            torch.distributed.broadcast(_as_bytes(scratch), g.tp_ranks[r], group=g.tp_group)
+            src_pairs = shard_pairs(e.layout, scratch, hf, r, g.tp, plan.dims)
+        for loc, dst in src_pairs:
+            dst.copy_(loc)
+
+
+class CollectiveTransport:
+    """Per-rank buffer; shards by TP broadcasts, buckets by PP broadcast (see the module docstring)."""
+
+    name = "collective"
+
+    def __init__(
+        self, g: Groups, capacity: int, device: torch.device, destination: str, buf: BucketBuffer | None = None
+    ) -> None:
+        self.g, self.capacity, self.device, self.destination = g, capacity, device, destination
+        self.buf = buf
+
+    def fill(self, bucket: Bucket, params: dict, plan: Plan, dtype: torch.dtype | None) -> BucketBuffer:
+        g = self.g
+        if self.buf is None or self.buf.kept():
+            if self.buf is not None:
+                _warn_kept()
+            self.buf = BucketBuffer.allocate(self.capacity, self.device)
+        if bucket.stage == g.pp_rank:
+            for e, views in zip(bucket.entries, self.buf.entry_views(bucket, dtype)):
+                _gather_entry(e, _check_param(e, params.get((e.chunk, e.name))), views, plan, g)
+        payload = self.buf.t.narrow(0, 0, bucket.nbytes)
+        if g.pp > 1 and self.destination == "all":
+            torch.distributed.broadcast(payload, g.pp_ranks[bucket.stage], group=g.pp_group)
+        elif g.pp > 1 and bucket.stage != 0 and g.tp_rank == 0:
+            if g.pp_rank == bucket.stage:
+                torch.distributed.send(payload, g.pp_ranks[0])
+            elif g.pp_rank == 0:
+                torch.distributed.recv(payload, g.pp_ranks[bucket.stage])
+        return self.buf
+
+
+_WARNED = False
+
+
+def _warn_kept() -> None:
+    global _WARNED
+    if not _WARNED:
+        _WARNED = True
+        logger.warning(
+            "the consumer of the weight export still references tensors of a previous bucket: allocating a new "
+            "bucket buffer instead of overwriting them (memory grows with what is kept; copy what you keep)"
+        )
+
+
+def _map_shared(g: Groups, nbytes: int) -> torch.Tensor | None:
+    """Map one ``nbytes`` file of /dev/shm on every rank of the group (collective); None if any rank can't."""
+    path = None
+    if g.mp_rank == 0:
+        try:
+            if os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize >= 2 * nbytes:
+                fd, path = tempfile.mkstemp(prefix="megatron_ghpo_bridge_", dir=SHM_DIR)
+                os.ftruncate(fd, nbytes)
+                os.close(fd)
+        except OSError as exc:
+            logger.info("no shared-memory bucket (%s): using the collective transport", exc)
+            path = None
+    box = [path]
+    torch.distributed.broadcast_object_list(box, src=g.mp_ranks[0], group=g.mp_group)
+    path = box[0]
+    t = None
+    if path is not None:
+        try:
+            t = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        except (OSError, RuntimeError) as exc:
+            logger.info("cannot map %s (%s): using the collective transport", path, exc)
+    ok = torch.tensor([int(t is not None)])
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=g.mp_group)
+    if path is not None and g.mp_rank == 0:
+        os.unlink(path)  # every rank has mapped it (or given up): the pages live as long as the mappings
+    return t if ok.item() else None
+
+
+def same_machine(g: Groups) -> bool:
+    """Whether every rank of the model-parallel group runs on this machine (same kernel boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            me = (socket.gethostname(), f.read().strip())
+    except OSError:
+        me = (socket.gethostname(), f"pid-namespace-unknown-{os.getpid()}")
+    everyone: list = [None] * len(g.mp_ranks)
+    torch.distributed.all_gather_object(everyone, me, group=g.mp_group)
+    return all(x == me for x in everyone)
+
+
+class SharedMemoryTransport:
+    """One buffer in /dev/shm per model-parallel group; each rank writes only its shard."""
+
+    name = "shm"
+
+    def __init__(self, g: Groups, buf: BucketBuffer) -> None:
+        self.g, self.buf = g, buf
+        self.first = True
+
+    def fill(self, bucket: Bucket, params: dict, plan: Plan, dtype: torch.dtype | None) -> BucketBuffer:
+        g = self.g
+        if not self.first:  # every rank is done with the previous bucket; did any keep tensors of it?
+            kept = torch.tensor([self.buf.kept()])
+            torch.distributed.all_reduce(kept, op=torch.distributed.ReduceOp.MAX, group=g.mp_group)
+            if kept.item():
+                _warn_kept()
+                t = _map_shared(g, self.buf.t.numel())
+                if t is None:
+                    raise RuntimeError("could not map a new shared-memory bucket buffer while tensors of the previous one are kept")
+                self.buf = BucketBuffer(t)
+        self.first = False
+        if bucket.stage == g.pp_rank:
+            for e, views in zip(bucket.entries, self.buf.entry_views(bucket, dtype)):
+                if TP_PARTITION_DIM[e.layout] is not None or g.tp_rank == 0:
+                    write_own_shard(e, _check_param(e, params.get((e.chunk, e.name))), views, plan, g.tp_rank)
+        torch.distributed.barrier(group=g.mp_group)
+        return self.buf
+
+
+_KEPT_BUFFERS: dict[tuple, BucketBuffer] = {}
+"""Bucket buffers kept between exports (``keep_buffer=True``), by transport, group, size and device."""
+
+
+def release_kept_buffers() -> None:
+    """Drop the bucket buffers kept between exports (their memory is freed once no tensor views them)."""
+    _KEPT_BUFFERS.clear()
+
+
+def _reusable(key: tuple, g: Groups | None) -> BucketBuffer | None:
+    """The kept buffer for ``key`` if no tensor of it is alive (on every rank of the group when ``g``)."""
+    buf = _KEPT_BUFFERS.get(key)
+    ok = buf is not None and buf.released()
+    if g is not None:  # shared buffer: reuse it only if every rank can
+        flag = torch.tensor([int(ok)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=g.mp_group)
+        ok = bool(flag.item())
+    if buf is not None and not ok:
+        _warn_kept()
+        del _KEPT_BUFFERS[key]
+    return buf if ok else None
+
+
+def make_transport(
+    name: TransportName, g: Groups, capacity: int, device: torch.device, destination: str, *, keep_buffer: bool = False
+) -> CollectiveTransport | SharedMemoryTransport:
+    """``auto``: ``shm`` for CPU ranks of one machine on gloo with more than one rank, else ``collective``.
+
+    ``keep_buffer``: reuse (and keep after the export) the bucket buffer, so repeated exports (one
+    per optimizer step) skip allocating and page-faulting it; costs one bucket of memory between
+    exports (:func:`release_kept_buffers` frees it).
+    """
+    if name not in ("auto", "collective", "shm"):
+        raise ValueError(f"transport must be 'auto', 'collective' or 'shm', got {name!r}")
+    shm_key = ("shm", tuple(g.mp_ranks), capacity, str(device))
+    use_shm = (
+        name != "collective" and len(g.mp_ranks) > 1 and device.type == "cpu"
+        and torch.distributed.get_backend(g.mp_group) == "gloo"
+    )  # fmt: skip
+    # Backend and device type are the same on every rank of the group, so this branch is taken
+    # consistently; the steps inside are collective decisions.
+    if use_shm and keep_buffer and (buf := _reusable(shm_key, g)) is not None:
+        return SharedMemoryTransport(g, buf)
+    if use_shm and same_machine(g):
+        t = _map_shared(g, capacity)
+        if t is not None:
+            buf = BucketBuffer(t)
+            if keep_buffer:
+                _KEPT_BUFFERS[shm_key] = buf
+            return SharedMemoryTransport(g, buf)
+    if name == "shm" and len(g.mp_ranks) > 1:
+        raise RuntimeError(
+            "transport='shm' needs CPU tensors, the gloo backend, every rank of the model-parallel group on this "
+            f"machine and room in {SHM_DIR}; use transport='collective' (or 'auto')"
+        )
+    key = ("collective", tuple(g.mp_ranks), capacity, str(device))
+    buf = _reusable(key, None) if keep_buffer else None
+    if keep_buffer and buf is None:
+        buf = _KEPT_BUFFERS[key] = BucketBuffer.allocate(capacity, device)
+    return CollectiveTransport(g, capacity, device, destination, buf)

@@ -1,0 +1,229 @@
+"""TrainSamples -> model-ready micro-batches (padded per micro-batch, or packed to a token budget).
+
+A sequence is ``prompt_ids + completion_ids``; the model reads it without its last token and the
+logits at position ``j`` score token ``j + 1``, so completion token ``t`` is scored at position
+``len(prompt) + t - 1``. Each micro-batch carries, for every sequence ``i`` and completion position
+``t``, the flat index of that scoring position in the ``[R * S]`` logits, so the loss always sees
+``[n_seq, T]`` tensors whatever the row layout:
+
+* padded: one row per sequence, right-padded to the micro-batch's longest sequence (causal
+  attention never looks right, so padding cannot change real positions);
+* packed: several sequences concatenated into one row of at most ``max_tokens`` tokens, with a
+  block-diagonal causal mask. RoPE is relative, so a sequence's attention scores do not depend on
+  its offset in the row (up to float rounding of the rotary angles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_ghpo.records import TrainSample
+
+
+@dataclass(kw_only=True)
+class MicroBatch:
+    """One forward/backward unit. ``R`` rows of ``S`` tokens; ``n`` sequences of ≤ ``T`` completion tokens."""
+
+    tokens: torch.Tensor
+    """[R, S] int64 input ids."""
+    position_ids: torch.Tensor
+    """[R, S] int64 positions (restart at 0 for each packed sequence)."""
+    attention_mask: torch.Tensor | None
+    """[R, 1, S, S] bool, True = masked (packed rows only); None means plain causal."""
+    flat_index: torch.Tensor
+    """[n, T] int64: index into the flattened [R*S] positions scoring completion token t (0 where invalid)."""
+    targets: torch.Tensor
+    """[n, T] int64 completion token ids (0 where invalid)."""
+    valid: torch.Tensor
+    """[n, T] bool: t < len(completion_ids)."""
+    loss_mask: torch.Tensor
+    """[n, T] float32: the sample's ``completion_mask`` (0 beyond the completion)."""
+    advantages: torch.Tensor
+    """[n] float32."""
+    old_logprobs: torch.Tensor | None
+    """[n, T] float32 sampling-time log-probs, or None (on-policy: ρ ≡ 1)."""
+    ref_logprobs: torch.Tensor | None
+    """[n, T] float32 reference log-probs, or None."""
+    sample_index: list[int]
+    """Position of each sequence in the batch's sample list."""
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.targets.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """A copy with every tensor on ``device``."""
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return MicroBatch(**moved)
+
+
+def validate_samples(samples: Sequence[TrainSample], *, vocab_size: int | None = None, max_length: int | None = None) -> None:
+    """Raise ``ValueError`` naming the sample and field for malformed input."""
+    if not samples:
+        raise ValueError("TrainBatch has no samples")
+    for i, s in enumerate(samples):
+        where = f"TrainBatch.samples[{i}]"
+        if len(s.prompt_ids) == 0:
+            raise ValueError(f"{where}.prompt_ids is empty (the first completion token needs a prompt to be scored)")
+        if len(s.completion_ids) == 0:
+            raise ValueError(f"{where}.completion_ids is empty")
+        c = len(s.completion_ids)
+        if len(s.completion_mask) != c:
+            raise ValueError(f"{where}.completion_mask has {len(s.completion_mask)} entries for {c} completion tokens")
+        for name in ("old_logprobs", "ref_logprobs"):
+            v = getattr(s, name)
+            if v is not None and len(v) != c:
+                raise ValueError(f"{where}.{name} has {len(v)} entries for {c} completion tokens")
+        if vocab_size is not None:
+            ids = list(s.prompt_ids) + list(s.completion_ids)
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{where} holds token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        if max_length is not None and len(s.prompt_ids) + c - 1 > max_length:
+            raise ValueError(
+                f"{where} is {len(s.prompt_ids) + c - 1} tokens long (prompt + completion - 1), "
+                f"over the model's max_position_embeddings {max_length}"
+            )
+
+
+def _optional_matrix(samples: Sequence[TrainSample], name: str, idx: Sequence[int], T: int) -> torch.Tensor | None:
+    present = [getattr(samples[i], name) is not None for i in idx]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = [i for i, p in zip(idx, present) if not p]
+        raise ValueError(f"{name} is set on some samples but missing on samples {missing[:8]}: set it on all or none")
+    out = torch.zeros(len(idx), T, dtype=torch.float32)
+    for r, i in enumerate(idx):
+        v = getattr(samples[i], name)
+        out[r, : len(v)] = torch.tensor(v, dtype=torch.float32)
+    return out
+
+
+def _row_length(samples: Sequence[TrainSample], row: list[int]) -> int:
+    return sum(len(samples[i].prompt_ids) + len(samples[i].completion_ids) - 1 for i in row)
+
+
+def _build(
+    samples: Sequence[TrainSample], rows: list[list[int]], pad_token_id: int, shape: tuple[int, int] | None = None
+) -> MicroBatch:
+    """Assemble one micro-batch: ``rows`` lists the sample indices laid out in each row.
+
+    ``shape`` = (R, S) pads to at least that many rows and tokens (rows beyond ``rows`` are all padding).
+    """
+    idx = [i for row in rows for i in row]
+    S = max(_row_length(samples, row) for row in rows)
+    R, n = len(rows), len(idx)
+    if shape is not None:
+        R, S = max(R, shape[0]), max(S, shape[1])
+    T = max(len(samples[i].completion_ids) for i in idx)
+    tokens = torch.full((R, S), pad_token_id, dtype=torch.int64)
+    position_ids = torch.zeros((R, S), dtype=torch.int64)
+    segment = torch.full((R, S), -1, dtype=torch.int64)
+    flat_index = torch.zeros((n, T), dtype=torch.int64)
+    targets = torch.zeros((n, T), dtype=torch.int64)
+    valid = torch.zeros((n, T), dtype=torch.bool)
+    loss_mask = torch.zeros((n, T), dtype=torch.float32)
+    k = 0
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            s = samples[i]
+            seq = list(s.prompt_ids) + list(s.completion_ids)
+            L, p, c = len(seq) - 1, len(s.prompt_ids), len(s.completion_ids)
+            tokens[r, offset : offset + L] = torch.tensor(seq[:-1], dtype=torch.int64)
+            position_ids[r, offset : offset + L] = torch.arange(L)
+            segment[r, offset : offset + L] = k
+            flat_index[k, :c] = r * S + offset + p - 1 + torch.arange(c)
+            targets[k, :c] = torch.tensor(s.completion_ids, dtype=torch.int64)
+            valid[k, :c] = True
+            loss_mask[k, :c] = torch.tensor(s.completion_mask, dtype=torch.float32)
+            offset += L
+            k += 1
+    attention_mask = None
+    if any(len(row) > 1 for row in rows):
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        same = segment.unsqueeze(2) == segment.unsqueeze(1)
+        attention_mask = ~(same & causal).unsqueeze(1)
+    return MicroBatch(
+        tokens=tokens,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        flat_index=flat_index,
+        targets=targets,
+        valid=valid,
+        loss_mask=loss_mask,
+        advantages=torch.tensor([float(samples[i].advantage) for i in idx], dtype=torch.float32),
+        old_logprobs=_optional_matrix(samples, "old_logprobs", idx, T),
+        ref_logprobs=_optional_matrix(samples, "ref_logprobs", idx, T),
+        sample_index=idx,
+    )
+
+
+def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """First-fit-decreasing: group indices so each group's total length is ≤ ``max_tokens``."""
+    too_long = [(i, n) for i, n in enumerate(lengths) if n > max_tokens]
+    if too_long:
+        i, n = too_long[0]
+        raise ValueError(
+            f"sample {i} needs {n} tokens, over the packing budget max_tokens_per_micro_batch={max_tokens}; "
+            f"raise the budget to at least {max(n for _, n in too_long)}"
+        )
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def make_micro_batches(
+    samples: Sequence[TrainSample],
+    *,
+    micro_batch_size: int = 1,
+    max_tokens_per_micro_batch: int | None = None,
+    pad_token_id: int = 0,
+    uniform_shape: bool = False,
+    pad_to_multiple_of: int = 1,
+) -> list[MicroBatch]:
+    """Split ``samples`` into micro-batches.
+
+    Without ``max_tokens_per_micro_batch``: consecutive chunks of ``micro_batch_size`` sequences,
+    each right-padded to its own longest sequence. With it: sequences packed (first-fit-decreasing)
+    into single rows of at most that many tokens, one row per micro-batch. ``uniform_shape`` pads
+    every micro-batch to the same [R, S] (Megatron's interleaved schedule cannot exchange
+    variable shapes between virtual stages). ``pad_to_multiple_of`` rounds S up (FP8 GEMMs need
+    multiples of 16 tokens, sequence parallelism a multiple of TP).
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if max_tokens_per_micro_batch is None:
+        starts = range(0, len(samples), micro_batch_size)
+        layouts = [[[i] for i in range(a, min(a + micro_batch_size, len(samples)))] for a in starts]
+    else:
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) - 1 for s in samples]
+        layouts = [[row] for row in pack_rows(lengths, max_tokens_per_micro_batch)]
+    def round_up(n: int) -> int:
+        return -(-n // pad_to_multiple_of) * pad_to_multiple_of
+
+    longest = max(_row_length(samples, r) for rows in layouts for r in rows)
+    shapes = [
+        (max(len(rows) for rows in layouts), round_up(longest)) if uniform_shape
+        else (len(rows), round_up(max(_row_length(samples, r) for r in rows)))
+        for rows in layouts
+    ]  # fmt: skip
+    return [_build(samples, rows, pad_token_id, shape) for rows, shape in zip(layouts, shapes)]

@@ -1,0 +1,86 @@
+"""Option records for :class:`~megatron_ghpo.policy.policy.MegatronPolicy` (one per concern).
+
+Each is a small ``kw_only`` dataclass whose ``__post_init__`` names the bad field, its value and
+the fix. :mod:`megatron_ghpo.policy.from_config` fills them from the project's config tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "dapo")
+
+
+@dataclass(kw_only=True)
+class ParallelOptions:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None = plain 1F1B."""
+    sequence_parallel: bool = False
+    """GPU with Transformer Engine only."""
+    seed: int = 42
+    timeout_s: float = 1800.0
+    """Collective timeout: a stalled rank fails the job after this long."""
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    bf16: bool = False
+    """BF16 parameters with FP32 master weights in the optimizer; False = FP32 throughout."""
+    transformer_impl: str = "auto"
+    """``auto`` | ``local`` | ``transformer_engine``."""
+    fp8: str | None = None
+    """``None`` | ``hybrid`` | ``e4m3`` (Transformer Engine on a GPU with compute capability ≥ 8.9)."""
+    fp8_recipe: str = "delayed"
+    recompute: bool = False
+    """Full activation recomputation, one layer per checkpoint."""
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
+@dataclass(kw_only=True)
+class BatchingOptions:
+    micro_batch_size: int = 1
+    """Sequences per micro-batch when padding (each micro-batch padded to its longest sequence)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Set to pack sequences into rows of at most this many tokens (one row per micro-batch)."""
+    pad_token_id: int = 0
+    """Filler id for padding positions (never attended by real tokens, never in the loss)."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size}: must be >= 1")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 2:
+            raise ValueError(f"max_tokens_per_micro_batch={self.max_tokens_per_micro_batch}: must be >= 2 or null")
+
+
+@dataclass(kw_only=True)
+class AlgorithmOptions:
+    loss_type: str = "bnpo"
+    """``bnpo`` | ``grpo`` | ``dr_grpo`` | ``dapo`` (see ``megatron_ghpo.algo.losses``)."""
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    """KL coefficient; > 0 keeps a frozen reference model (the initial weights)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout; training log-probs use the same one."""
+    max_completion_length: int | None = None
+    """Needed by ``dr_grpo``."""
+    compute_entropy: bool = True
+    """Report the policy entropy over completion tokens (one extra pass over the logits)."""
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}: must be > 0")
+        if self.beta < 0:
+            raise ValueError(f"beta={self.beta}: must be >= 0")
+        if self.loss_type == "dr_grpo" and not self.max_completion_length:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length (its normaliser)")

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_ghpo.eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from megatron_ghpo.demo import add_demo_parser
+
+    add_demo_parser(sub)
     return parser
 
 
@@ -148,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        # Bad input (paths, datasets, model folders): one clear line; MEGATRON_GHPO_TRACEBACK=1 shows where.
+        if os.environ.get("MEGATRON_GHPO_TRACEBACK") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -120,6 +120,9 @@ class RolloutConfig:
     max_completion_length: int = 256
     bridge_bucket_bytes: int = 256 * 1024 * 1024
     """Upper bound of one weight-sync bucket (bytes)."""
+    check_weight_sync: bool = False
+    """After every sync, score one trained sequence with the engine and the policy at temperature 1
+    and log the largest log-prob difference (`rollout/sync_max_logprob_diff`); costs one small forward."""
 
     def __post_init__(self) -> None:
         _require(self.num_generations >= 2, "num_generations", self.num_generations,

@@ -1,8 +1,15 @@
 """Bucket planning and the reusable bucket buffer of the weight export (pure; no collectives).
 
-A bucket is a run of consecutive plan entries of one pipeline stage whose HF tensors, laid out
-back to back (each aligned to :data:`ALIGN` bytes) in the output dtype, fit in ``bucket_bytes``;
-a parameter whose HF tensors alone exceed it gets a bucket of its own.
+The buffer holds ``capacity = max(bucket_bytes, largest parameter's HF tensors)`` bytes. A bucket
+is a run of consecutive plan entries of one pipeline stage whose HF tensors, laid out back to
+back (each aligned to :data:`ALIGN` bytes) in the output dtype, fit in the capacity; a parameter
+is never split.
+
+Tensors handed to the consumer are plain (non-view) tensors on the buffer's storage. Before the
+buffer is refilled, :meth:`BucketBuffer.reclaim` moves every handed-out tensor that is still alive
+onto a private copy of its data (``Tensor.set_``), so a consumer that keeps tensors never sees
+them overwritten. A consumer iterating normally holds only the tensor bound to its loop variable;
+each bucket is yielded smallest tensor last, so that copy is a norm weight or a bias.
 """
 
 from __future__ import annotations
@@ -38,6 +45,16 @@ class Bucket:
     offsets: list[list[int]] = field(default_factory=list)
     nbytes: int = 0
 
+    def yield_order(self, dtype: torch.dtype | None) -> list[tuple[str, int, tuple[int, ...], torch.dtype]]:
+        """``(hf_name, offset, shape, dtype)`` of every tensor, plan order but the smallest last."""
+        items = [
+            (n, o, s, out_dtype(e, dtype))
+            for e, offs in zip(self.entries, self.offsets)
+            for n, o, s in zip(e.hf_names, offs, e.hf_shapes)
+        ]
+        smallest = min(range(len(items)), key=lambda i: _nbytes(items[i][2], items[i][3]))
+        return items[:smallest] + items[smallest + 1 :] + [items[smallest]]
+
 
 def out_dtype(entry: PlanEntry, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None else entry.dtype
@@ -48,17 +65,23 @@ def entry_bytes(entry: PlanEntry, dtype: torch.dtype | None) -> int:
     return sum(_aligned(_nbytes(s, out_dtype(entry, dtype))) for s in entry.hf_shapes)
 
 
-def plan_buckets(plan: Plan, bucket_bytes: int, dtype: torch.dtype | None) -> list[Bucket]:
-    """Greedy packing in plan order; a bucket never spans two stages and never splits a parameter."""
+def bucket_capacity(plan: Plan, bucket_bytes: int, dtype: torch.dtype | None) -> int:
+    """The buffer size: ``bucket_bytes``, or the largest parameter's aligned HF tensors if larger."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    return max([_aligned(bucket_bytes)] + [entry_bytes(e, dtype) for e in plan.entries if e.hf_names])
+
+
+def plan_buckets(plan: Plan, bucket_bytes: int, dtype: torch.dtype | None) -> list[Bucket]:
+    """Greedy packing in plan order up to :func:`bucket_capacity`; one stage per bucket."""
+    capacity = bucket_capacity(plan, bucket_bytes, dtype)
     buckets: list[Bucket] = []
     for e in plan.entries:
         if not e.hf_names:
             continue
         size = entry_bytes(e, dtype)
         cur = buckets[-1] if buckets else None
-        if cur is None or cur.stage != e.stage or (cur.entries and cur.nbytes + size > bucket_bytes):
+        if cur is None or cur.stage != e.stage or cur.nbytes + size > capacity:
             cur = Bucket(stage=e.stage)
             buckets.append(cur)
         offs = []
@@ -77,48 +100,48 @@ def largest_tensor_bytes(plan: Plan, dtype: torch.dtype | None) -> int:
 
 
 class BucketBuffer:
-    """A reusable bucket buffer over a flat ``uint8`` tensor, tracking the tensors handed to the
-    consumer through weak references (to tell whether it may be overwritten)."""
+    """A reusable bucket buffer over a flat ``uint8`` tensor (see the module docstring)."""
 
     def __init__(self, t: torch.Tensor) -> None:
         if t.dtype != torch.uint8 or t.dim() != 1:
             raise ValueError(f"a bucket buffer is a flat uint8 tensor, got {t.dtype} of shape {tuple(t.shape)}")
         self.t = t
-        self._typed: dict[torch.dtype, torch.Tensor] = {}
         self._handed: list[weakref.ref] = []
 
     @classmethod
     def allocate(cls, nbytes: int, device: torch.device) -> BucketBuffer:
         return cls(torch.empty(_aligned(nbytes), dtype=torch.uint8, device=device))
 
+    def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous ``shape``/``dtype`` tensor on the buffer's storage at byte ``offset``.
+
+        Not an autograd view (no ``_base``), so :meth:`reclaim` can move it to private storage.
+        """
+        if offset % dtype.itemsize or offset + _nbytes(shape, dtype) > self.t.numel():
+            raise ValueError(f"{dtype} tensor {shape} at byte {offset} does not fit the {self.t.numel()}-byte buffer")
+        storage = self.t.untyped_storage()
+        base = self.t.storage_offset() + offset
+        return torch.empty(0, dtype=dtype, device=self.t.device).set_(storage, base // dtype.itemsize, shape)
+
     def entry_views(self, bucket: Bucket, dtype: torch.dtype | None) -> list[list[torch.Tensor]]:
-        """For each entry of ``bucket``, views of its HF tensors in this buffer."""
+        """For each entry of ``bucket``, tensors on the buffer for its HF tensors."""
         return [
             [self.view(o, s, out_dtype(e, dtype)) for o, s in zip(offs, e.hf_shapes)]
             for e, offs in zip(bucket.entries, bucket.offsets)
         ]
 
-    def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A ``shape``/``dtype`` tensor at byte ``offset`` of the buffer."""
-        if dtype not in self._typed:
-            self._typed[dtype] = self.t.view(dtype)
-        numel = _nbytes(shape, dtype) // dtype.itemsize
-        return self._typed[dtype].narrow(0, offset // dtype.itemsize, numel).view(shape)
-
     def hand_out(self, t: torch.Tensor) -> torch.Tensor:
+        """Register ``t`` as given to the consumer (weakly) and return it."""
         self._handed.append(weakref.ref(t))
         return t
 
-    def released(self) -> bool:
-        """True when no tensor handed out is alive any more (strict: the last one counts too)."""
-        alive = any(r() is not None for r in self._handed)
-        if not alive:
-            self._handed.clear()
-        return not alive
-
-    def kept(self) -> int:
-        """Tensors of the last bucket the consumer still holds, not counting the last one handed out
-        (normally still bound to the consumer's loop variable). Resets the tracking."""
-        alive = sum(r() is not None for r in self._handed[:-1])
+    def reclaim(self) -> int:
+        """Move every handed-out tensor still alive onto a private copy; return the bytes copied."""
+        copied = 0
+        for ref in self._handed:
+            t = ref()
+            if t is not None and t.untyped_storage().data_ptr() == self.t.untyped_storage().data_ptr():
+                t.set_(t.clone())
+                copied += t.numel() * t.element_size()
         self._handed.clear()
-        return alive
+        return copied

@@ -59,7 +59,7 @@ def hf_weights_dtype(hf_dir: str | Path) -> torch.dtype:
     files = hf_weight_files(hf_dir)
     for path in sorted(set(files.values())):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118  (safe_open is not iterable)
                 code = f.get_slice(name).get_dtype()
                 if code not in _DTYPES:
                     raise ValueError(f"{path.name}: tensor {name} has dtype {code}; the bridge handles {sorted(_DTYPES)}")
@@ -128,7 +128,7 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | 
     dtype = dtype or hf_weights_dtype(hf_dir)
     hf_config = load_hf_config(hf_dir)
     chunks = build_gpt_model(hf_config, params_dtype=dtype, transformer_impl="local")
-    load_hf_weights(chunks, hf_dir, hf_config)
+    load_hf_weights(chunks, hf_dir, hf_config, progress_desc="import")
     with staged_output(out) as tmp:
         save_checkpoint(tmp, chunks, metadata={"vocab_size": unwrap(chunks[0]).vocab_size, "hf_config": hf_config})
         side = copy_hf_side_files(hf_dir, tmp / HF_SIDE_DIR)

@@ -18,17 +18,17 @@ feed its colocated engine, or its share of an engine spanning the ranks). ``"fir
 first rank of the group (TP 0, PP 0) yields (e.g. to write files); the others drive the
 collectives and yield nothing. Data-parallel replicas export independently.
 
-The yielded tensors are views into the bucket buffer, which is reused for the next bucket: a
-consumer copies what it keeps (vLLM's ``load_weights`` copies each tensor into its parameters).
-Before a refill the yielded tensors are checked through weak references; if the consumer still
-holds any but the last one (normally bound to its loop variable), a fresh buffer is used instead
-(with a warning), so kept tensors are not overwritten. Not detected: keeping only the last tensor
-of a bucket, or views derived from yielded tensors.
+The yielded tensors live in the bucket buffer, which is reused for the next bucket (vLLM's
+``load_weights`` copies each tensor into its parameters and drops it). Before a refill, any
+yielded tensor the consumer still holds is moved onto a private copy of its data
+(:meth:`~megatron_ghpo.bridge.buckets.BucketBuffer.reclaim`), so kept tensors are never
+overwritten; a normal loop holds only its loop variable, and each bucket yields its smallest
+tensor last. (Views the consumer derived from a yielded tensor are not tracked: copy those.)
 
-Extra memory per rank: one bucket buffer (the largest bucket: ``<= bucket_bytes``, or one
-parameter's HF tensors when those alone exceed it; shared by the ranks of a machine with ``shm``)
-plus, with the collective transport, one TP shard in the model dtype while a parameter is
-assembled (not for shards received in place). Never a copy of the model.
+Extra memory per rank: one bucket buffer of ``max(bucket_bytes, largest parameter's HF
+tensors)`` (shared by the ranks of a machine with ``shm``), plus, with the collective transport,
+one TP shard in the model dtype while a parameter is assembled (not for shards received in
+place), plus whatever the consumer keeps. Never a copy of the model.
 
 Every rank of the model-parallel group must drive the iterator to the end, in lockstep.
 """
@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import torch
 
-from megatron_ghpo.bridge.buckets import largest_tensor_bytes, out_dtype, plan_buckets  # noqa: F401  (re-exported)
+from megatron_ghpo.bridge.buckets import bucket_capacity, largest_tensor_bytes, plan_buckets  # noqa: F401  (re-exported)
 from megatron_ghpo.bridge.plan import Plan, build_plan, local_parameters
 from megatron_ghpo.bridge.transport import Groups, TransportName, make_transport
 
@@ -87,7 +87,7 @@ def export_hf_weight_buckets(
     if not buckets:
         return
     params = local_parameters(model_chunks)
-    capacity = max(b.nbytes for b in buckets)
+    capacity = bucket_capacity(plan, bucket_bytes, dtype)
     mover = make_transport(transport, g, capacity, _device_of(model_chunks), destination, keep_buffer=keep_buffer)
     receives = destination == "all" or (g.tp_rank == 0 and g.pp_rank == 0)
     with torch.no_grad():
@@ -95,11 +95,7 @@ def export_hf_weight_buckets(
             buf = mover.fill(bucket, params, plan, dtype)
             if not receives:
                 continue
-            out = [
-                (n, buf.hand_out(buf.view(o, s, out_dtype(e, dtype))))
-                for e, offs in zip(bucket.entries, bucket.offsets)
-                for n, o, s in zip(e.hf_names, offs, e.hf_shapes)
-            ]
+            out = [(n, buf.hand_out(buf.view(o, s, dt))) for n, o, s, dt in bucket.yield_order(dtype)]
             yield out
             out.clear()
             del buf

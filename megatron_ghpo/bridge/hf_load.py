@@ -18,7 +18,7 @@ import torch
 
 from megatron_ghpo.bridge.layout import TP_PARTITION_DIM, padding_view, shard_pairs
 from megatron_ghpo.bridge.plan import Plan, build_plan, local_parameters
-from megatron_ghpo.logging_utils import get_logger
+from megatron_ghpo.logging_utils import get_logger, progress
 
 logger = get_logger(__name__)
 
@@ -55,7 +55,7 @@ def hf_weight_files(hf_dir: str | Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118  (safe_open is not iterable)
                 if name in files:
                     raise ValueError(f"HF tensor {name!r} is in both {files[name].name} and {shard.name}")
                 files[name] = shard
@@ -78,12 +78,18 @@ def check_hf_names(plan: Plan, files: dict[str, Path], hf_dir: str | Path) -> No
 
 
 def load_hf_weights(
-    model_chunks: list[torch.nn.Module], hf_dir: str | Path, hf_config: Any = None, *, plan: Plan | None = None
+    model_chunks: list[torch.nn.Module],
+    hf_dir: str | Path,
+    hf_config: Any = None,
+    *,
+    plan: Plan | None = None,
+    progress_desc: str | None = None,
 ) -> None:
     """Copy the HF weights of ``hf_dir`` into this rank's chunks (call on every rank).
 
     ``hf_config`` defaults to ``hf_dir``'s ``config.json``. Values are cast to each parameter's
-    dtype by ``copy_`` (bit-exact when the dtypes agree).
+    dtype by ``copy_`` (bit-exact when the dtypes agree). ``progress_desc``: show a progress bar
+    (rank 0) with this label.
     """
     from megatron.core import parallel_state as ps
     from safetensors import safe_open
@@ -103,7 +109,8 @@ def load_hf_weights(
                 handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
             return handles[path].get_tensor(name)
 
-        for e in plan.local(stage):
+        entries = plan.local(stage)
+        for e in progress(entries, desc=progress_desc) if progress_desc else entries:
             param = params[(e.chunk, e.name)]
             hf = [read(n) for n in e.hf_names]
             rank = tp_rank if TP_PARTITION_DIM[e.layout] is not None else 0

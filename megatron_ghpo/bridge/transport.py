@@ -9,20 +9,12 @@ scratch tensor. (No all-gather: gloo's stages the whole output in a second inter
 PP > 1 the owning stage then broadcasts the filled buffer over the pipeline group
 (``destination="all"``) or sends it to pipeline rank 0 (``"first"``, TP rank 0 only).
 
-``shm`` (CPU ranks of one machine, gloo). The group maps one bucket buffer in ``/dev/shm``
-(created by its first rank, unlinked as soon as every rank has mapped it, so nothing outlives the
-processes). The owning stage's TP ranks each copy *their own shard* straight into the shared
-buffer (replicated tensors: TP rank 0), a barrier publishes it, and every rank reads the same
-physical pages: no bytes cross a socket and no rank copies more than its shard. Before the buffer
-is refilled, a collective flag checks that no rank still holds tensors of the previous bucket.
+``shm`` (CPU ranks of one machine, gloo): one shared-memory buffer; see :mod:`~megatron_ghpo.bridge.shm`.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -34,7 +26,6 @@ from megatron_ghpo.logging_utils import get_logger
 logger = get_logger(__name__)
 
 TransportName = Literal["auto", "collective", "shm"]
-SHM_DIR = "/dev/shm"
 
 
 class Groups:
@@ -58,7 +49,7 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def _check_param(e: PlanEntry, param: torch.Tensor | None) -> torch.Tensor:
+def check_param(e: PlanEntry, param: torch.Tensor | None) -> torch.Tensor:
     if param is None or tuple(param.shape) != e.local_shape:
         raise RuntimeError(f"{e.name}: this rank's parameter is missing or has another shape than planned {e.local_shape}")
     return param.detach()
@@ -114,13 +105,12 @@ class CollectiveTransport:
 
     def fill(self, bucket: Bucket, params: dict, plan: Plan, dtype: torch.dtype | None) -> BucketBuffer:
         g = self.g
-        if self.buf is None or self.buf.kept():
-            if self.buf is not None:
-                _warn_kept()
+        if self.buf is None:
             self.buf = BucketBuffer.allocate(self.capacity, self.device)
+        reclaim_handed_out(self.buf)
         if bucket.stage == g.pp_rank:
             for e, views in zip(bucket.entries, self.buf.entry_views(bucket, dtype)):
-                _gather_entry(e, _check_param(e, params.get((e.chunk, e.name))), views, plan, g)
+                _gather_entry(e, check_param(e, params.get((e.chunk, e.name))), views, plan, g)
         payload = self.buf.t.narrow(0, 0, bucket.nbytes)
         if g.pp > 1 and self.destination == "all":
             torch.distributed.broadcast(payload, g.pp_ranks[bucket.stage], group=g.pp_group)
@@ -135,83 +125,18 @@ class CollectiveTransport:
 _WARNED = False
 
 
-def _warn_kept() -> None:
+def reclaim_handed_out(buf: BucketBuffer) -> None:
+    """Copy out the tensors the consumer still holds before the buffer is overwritten (warn once if
+    that is more than a small one: the consumer keeps tensors, and pays a copy for each)."""
     global _WARNED
-    if not _WARNED:
+    copied = buf.reclaim()
+    if copied > 1 << 20 and not _WARNED:
         _WARNED = True
         logger.warning(
-            "the consumer of the weight export still references tensors of a previous bucket: allocating a new "
-            "bucket buffer instead of overwriting them (memory grows with what is kept; copy what you keep)"
+            "the consumer of the weight export keeps exported tensors (%.1f MiB of one bucket): they are copied out "
+            "of the reused bucket buffer before it is refilled; copy only what you need and drop the rest",
+            copied / 2**20,
         )
-
-
-def _map_shared(g: Groups, nbytes: int) -> torch.Tensor | None:
-    """Map one ``nbytes`` file of /dev/shm on every rank of the group (collective); None if any rank can't."""
-    path = None
-    if g.mp_rank == 0:
-        try:
-            if os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize >= 2 * nbytes:
-                fd, path = tempfile.mkstemp(prefix="megatron_ghpo_bridge_", dir=SHM_DIR)
-                os.ftruncate(fd, nbytes)
-                os.close(fd)
-        except OSError as exc:
-            logger.info("no shared-memory bucket (%s): using the collective transport", exc)
-            path = None
-    box = [path]
-    torch.distributed.broadcast_object_list(box, src=g.mp_ranks[0], group=g.mp_group)
-    path = box[0]
-    t = None
-    if path is not None:
-        try:
-            t = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-        except (OSError, RuntimeError) as exc:
-            logger.info("cannot map %s (%s): using the collective transport", path, exc)
-    ok = torch.tensor([int(t is not None)])
-    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=g.mp_group)
-    if path is not None and g.mp_rank == 0:
-        os.unlink(path)  # every rank has mapped it (or given up): the pages live as long as the mappings
-    return t if ok.item() else None
-
-
-def same_machine(g: Groups) -> bool:
-    """Whether every rank of the model-parallel group runs on this machine (same kernel boot)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            me = (socket.gethostname(), f.read().strip())
-    except OSError:
-        me = (socket.gethostname(), f"pid-namespace-unknown-{os.getpid()}")
-    everyone: list = [None] * len(g.mp_ranks)
-    torch.distributed.all_gather_object(everyone, me, group=g.mp_group)
-    return all(x == me for x in everyone)
-
-
-class SharedMemoryTransport:
-    """One buffer in /dev/shm per model-parallel group; each rank writes only its shard."""
-
-    name = "shm"
-
-    def __init__(self, g: Groups, buf: BucketBuffer) -> None:
-        self.g, self.buf = g, buf
-        self.first = True
-
-    def fill(self, bucket: Bucket, params: dict, plan: Plan, dtype: torch.dtype | None) -> BucketBuffer:
-        g = self.g
-        if not self.first:  # every rank is done with the previous bucket; did any keep tensors of it?
-            kept = torch.tensor([self.buf.kept()])
-            torch.distributed.all_reduce(kept, op=torch.distributed.ReduceOp.MAX, group=g.mp_group)
-            if kept.item():
-                _warn_kept()
-                t = _map_shared(g, self.buf.t.numel())
-                if t is None:
-                    raise RuntimeError("could not map a new shared-memory bucket buffer while tensors of the previous one are kept")
-                self.buf = BucketBuffer(t)
-        self.first = False
-        if bucket.stage == g.pp_rank:
-            for e, views in zip(bucket.entries, self.buf.entry_views(bucket, dtype)):
-                if TP_PARTITION_DIM[e.layout] is not None or g.tp_rank == 0:
-                    write_own_shard(e, _check_param(e, params.get((e.chunk, e.name))), views, plan, g.tp_rank)
-        torch.distributed.barrier(group=g.mp_group)
-        return self.buf
 
 
 _KEPT_BUFFERS: dict[tuple, BucketBuffer] = {}
@@ -224,22 +149,24 @@ def release_kept_buffers() -> None:
 
 
 def _reusable(key: tuple, g: Groups | None) -> BucketBuffer | None:
-    """The kept buffer for ``key`` if no tensor of it is alive (on every rank of the group when ``g``)."""
+    """The kept buffer for ``key``, its handed-out tensors copied out; with ``g`` (a shared buffer)
+    only if every rank of the group kept it too (a collective, which also orders the reuse after
+    every rank finished reading the previous export)."""
     buf = _KEPT_BUFFERS.get(key)
-    ok = buf is not None and buf.released()
-    if g is not None:  # shared buffer: reuse it only if every rank can
-        flag = torch.tensor([int(ok)])
+    if buf is not None:
+        reclaim_handed_out(buf)
+    if g is not None:
+        flag = torch.tensor([int(buf is not None)])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=g.mp_group)
-        ok = bool(flag.item())
-    if buf is not None and not ok:
-        _warn_kept()
-        del _KEPT_BUFFERS[key]
-    return buf if ok else None
+        if not flag.item():
+            _KEPT_BUFFERS.pop(key, None)
+            return None
+    return buf
 
 
 def make_transport(
     name: TransportName, g: Groups, capacity: int, device: torch.device, destination: str, *, keep_buffer: bool = False
-) -> CollectiveTransport | SharedMemoryTransport:
+) -> Any:
     """``auto``: ``shm`` for CPU ranks of one machine on gloo with more than one rank, else ``collective``.
 
     ``keep_buffer``: reuse (and keep after the export) the bucket buffer, so repeated exports (one
@@ -255,10 +182,12 @@ def make_transport(
     )  # fmt: skip
     # Backend and device type are the same on every rank of the group, so this branch is taken
     # consistently; the steps inside are collective decisions.
+    from megatron_ghpo.bridge.shm import SHM_DIR, SharedMemoryTransport, map_shared, same_machine
+
     if use_shm and keep_buffer and (buf := _reusable(shm_key, g)) is not None:
         return SharedMemoryTransport(g, buf)
     if use_shm and same_machine(g):
-        t = _map_shared(g, capacity)
+        t = map_shared(g, capacity)
         if t is not None:
             buf = BucketBuffer(t)
             if keep_buffer:

@@ -20,7 +20,7 @@ import torch
 
 from megatron_ghpo.logging_utils import configure_logging, get_logger, progress
 
-logger = get_logger(__name__)
+logger = get_logger("megatron_ghpo.bridge.worker")
 
 
 
@@ -49,8 +49,8 @@ def task_megatron_to_hf(
     max_shard_bytes: int = 5 * 1024**3,
 ) -> None:
     from megatron_ghpo.bridge.checkpoint import build_and_load, checked_hf_config, parse_dtype
-    from megatron_ghpo.bridge.hf_folder import write_hf_folder
     from megatron_ghpo.bridge.export import export_hf_weights
+    from megatron_ghpo.bridge.hf_folder import write_hf_folder
     from megatron_ghpo.bridge.plan import build_plan
 
     config, side = checked_hf_config(ckpt, hf_config)

@@ -47,6 +47,10 @@ class MicroBatch:
     """[n, T] float32 sampling-time log-probs, or None (on-policy: ρ ≡ 1)."""
     ref_logprobs: torch.Tensor | None
     """[n, T] float32 reference log-probs, or None."""
+    rollout_logprobs: torch.Tensor | None = None
+    """[n, T] float32 rollout-engine log-probs (metric only), 0 for samples without them; None if none has."""
+    rollout_present: torch.Tensor | None = None
+    """[n] float32: 1 for samples whose ``rollout_logprobs`` are known."""
     sample_index: list[int]
     """Position of each sequence in the batch's sample list."""
 
@@ -77,7 +81,7 @@ def validate_samples(samples: Sequence[TrainSample], *, vocab_size: int | None =
         c = len(s.completion_ids)
         if len(s.completion_mask) != c:
             raise ValueError(f"{where}.completion_mask has {len(s.completion_mask)} entries for {c} completion tokens")
-        for name in ("old_logprobs", "ref_logprobs"):
+        for name in ("old_logprobs", "ref_logprobs", "rollout_logprobs"):
             v = getattr(s, name)
             if v is not None and len(v) != c:
                 raise ValueError(f"{where}.{name} has {len(v)} entries for {c} completion tokens")
@@ -105,6 +109,20 @@ def _optional_matrix(samples: Sequence[TrainSample], name: str, idx: Sequence[in
         v = getattr(samples[i], name)
         out[r, : len(v)] = torch.tensor(v, dtype=torch.float32)
     return out
+
+
+def _rollout_matrix(samples: Sequence[TrainSample], idx: Sequence[int], T: int) -> dict[str, torch.Tensor | None]:
+    """Engine log-probs for the ``rollout/logprob_diff`` metric; unlike ``old_logprobs`` some samples may lack
+    them (a group trained on another prompt than it was sampled from)."""
+    present = [samples[i].rollout_logprobs is not None for i in idx]
+    if not any(present):
+        return {"rollout_logprobs": None, "rollout_present": None}
+    out = torch.zeros(len(idx), T, dtype=torch.float32)
+    for r, i in enumerate(idx):
+        v = samples[i].rollout_logprobs
+        if v is not None:
+            out[r, : len(v)] = torch.tensor(v, dtype=torch.float32)
+    return {"rollout_logprobs": out, "rollout_present": torch.tensor(present, dtype=torch.float32)}
 
 
 def _row_length(samples: Sequence[TrainSample], row: list[int]) -> int:
@@ -164,6 +182,7 @@ def _build(
         old_logprobs=_optional_matrix(samples, "old_logprobs", idx, T),
         ref_logprobs=_optional_matrix(samples, "ref_logprobs", idx, T),
         sample_index=idx,
+        **_rollout_matrix(samples, idx, T),
     )
 
 

@@ -319,16 +319,15 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def apply_cpu_compat(*, force: bool = False) -> bool:
+def apply_cpu_compat() -> bool:
     """Neutralise Megatron-Core's CUDA assumptions when CUDA is absent. Idempotent.
 
     Returns True when the patches are (now or already) active, False on a CUDA machine.
-    ``force=True`` applies them even with CUDA present (only for tests of this module).
     """
     global _APPLIED
     if _APPLIED:
         return True
-    if cuda_available() and not force:
+    if cuda_available():
         return False
     import megatron.core  # noqa: F401  (fail here, clearly, if Megatron-Core is missing)
 

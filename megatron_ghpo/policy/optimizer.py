@@ -75,6 +75,12 @@ def build_optimizer(model_chunks: list, options: OptimizerOptions, *, params_dty
         params_dtype=params_dtype,
         use_distributed_optimizer=options.use_distributed_optimizer,
     )
+    from megatron.core.optimizer import distrib_optimizer
+
+    from megatron_ghpo.policy.cpu_compat import apply_torch_adam_checkpoint_fix
+
+    if not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):  # torch Adam: see the fix's docstring
+        apply_torch_adam_checkpoint_fix()
     optimizer = get_megatron_optimizer(config, model_chunks)
     decay_steps = options.lr_decay_steps or (options.lr_warmup_steps + 1)
     scheduler = OptimizerParamScheduler(

@@ -30,7 +30,8 @@ from megatron_ghpo.policy.options import AlgorithmOptions
 Mode = Literal["policy", "sft", "logprobs"]
 
 REPORT_KEYS: dict[str, tuple[str, ...]] = {
-    "policy": ("loss", "tokens", "entropy_sum", "clipped_sum", "clipped_low_sum", "clipped_high_sum", "ratio_sum", "kl_sum", "sequences"),
+    "policy": ("loss", "tokens", "entropy_sum", "clipped_sum", "clipped_low_sum", "clipped_high_sum", "ratio_sum", "kl_sum", "sequences",
+               "rollout_diff_sum", "rollout_tokens"),
     "sft": ("loss", "tokens", "entropy_sum", "nll_sum", "sequences"),
     "logprobs": (),
 }
@@ -104,6 +105,12 @@ def loss_fn(spec: LossSpec, mb: MicroBatch, output: torch.Tensor):
         )  # fmt: skip
         for key in ("clipped", "clipped_low", "clipped_high", "ratio", "kl"):
             report[f"{key}_sum"] = (metrics[key] * mask).sum() if key in metrics else torch.zeros(())
+        if mb.rollout_logprobs is not None:  # train/inference mismatch on the very tokens trained
+            seen = mask * mb.rollout_present.unsqueeze(1)
+            report["rollout_diff_sum"] = ((logprobs.detach() - mb.rollout_logprobs).abs() * seen).sum()
+            report["rollout_tokens"] = seen.sum()
+        else:
+            report["rollout_diff_sum"] = report["rollout_tokens"] = torch.zeros(())
     report["loss"] = loss.detach().clone()
     return loss * spec.loss_scale, {k: v.detach().float().cpu() for k, v in report.items()}
 
@@ -195,4 +202,6 @@ def step_metrics(
         out["train/ratio_mean"] = r["ratio_sum"] / tokens
         if algorithm.beta > 0:
             out["train/kl"] = r["kl_sum"] / tokens
+        if r.get("rollout_tokens", 0.0) > 0:
+            out["rollout/logprob_diff"] = r["rollout_diff_sum"] / r["rollout_tokens"]
     return out

@@ -157,12 +157,13 @@ def echo(value: Any) -> Any:
     return value
 
 
-def sleep_for(seconds: float) -> float:
-    """Sleep ``seconds`` and return it (timeout tests)."""
+def sleep_for(seconds: float) -> int:
+    """Sleep ``seconds`` and return the worker's pid (timeout and scheduling tests)."""
+    import os
     import time
 
     time.sleep(seconds)
-    return seconds
+    return os.getpid()
 
 
 def warm_up() -> None:

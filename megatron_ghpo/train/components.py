@@ -106,7 +106,8 @@ def engine_from_config(cfg: Config, model_dir: str, *, world_size: int):
     from megatron_ghpo.rollout.factory import build_rollout_engine
 
     r = cfg.rollout
-    common = dict(dtype=engine_dtype(cfg), max_model_len=cfg.data.max_prompt_length + r.max_completion_length,
+    # +1: scoring a full prompt + completion (check_weight_sync) asks the engine for one more position
+    common = dict(dtype=engine_dtype(cfg), max_model_len=cfg.data.max_prompt_length + r.max_completion_length + 1,
                   seed=cfg.training.seed)
     if not r.use_vllm:
         return build_rollout_engine("hf", model_dir, **common)

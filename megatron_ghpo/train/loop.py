@@ -75,6 +75,8 @@ class Trainer:
             c.engine_wake()
         with timer("sync"):
             self._sync_weights()
+        if self.cfg.rollout.check_weight_sync:
+            metrics["rollout/sync_max_logprob_diff"] = self._check_sync(batch)
         metrics.update(train_metrics)
         metrics.update(timer.metrics())
         step_s = sum(timer.times.values())
@@ -100,6 +102,19 @@ class Trainer:
                 pass
         self.weight_version += 1
 
+    def _check_sync(self, batch) -> float:
+        """Largest |engine - policy| log-prob over the completion of the batch's first sequence, both at
+        temperature 1, right after a sync (collective: the policy's forward runs on every rank)."""
+        from megatron_ghpo.records import TrainBatch
+
+        probe = batch.samples[0]
+        policy_lp = self.c.policy.compute_logprobs(TrainBatch(samples=[probe]), temperature=1.0)[0]
+        if not self.c.groups.is_leader:
+            return float("nan")
+        engine_lp = self.c.engine.score_tokens([list(probe.prompt_ids) + list(probe.completion_ids)])[0]
+        tail = engine_lp[len(engine_lp) - len(policy_lp):]
+        return max(abs(a - b) for a, b in zip(tail, policy_lp))
+
     # ---- the run -----------------------------------------------------------------------------
     def train(self) -> None:
         cfg, c = self.cfg, self.c
@@ -114,7 +129,9 @@ class Trainer:
                 c.metrics.log(n, metrics)
             if self._should_save(n, steps_per_epoch):
                 self.save(n)
+        c.policy.save_hf(Path(cfg.checkpoint.output_dir) / "hf", tokenizer_dir=cfg.model.model_name_or_path)
         barrier()
+        logger.info("final weights written as a Hugging Face folder: %s", Path(cfg.checkpoint.output_dir) / "hf")
         c.close()
 
     def _should_eval(self, n: int) -> bool:

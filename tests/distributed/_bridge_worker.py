@@ -29,9 +29,10 @@ def record(check: str, ok: bool, **detail) -> None:
 
 
 def _proc_status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     raise KeyError(key)
 
 
@@ -64,20 +65,27 @@ def measure_export(chunks, config, bucket_bytes: int, transport: str = "auto") -
 
 
 def compare_export(
-    chunks, config, hf_dir: str, tag: dict, *, bucket_bytes: int, destination: str = "all", transport: str = "auto"
+    chunks, config, hf_dir: str, tag: dict, *, bucket_bytes: int, destination: str = "all", transport: str = "auto",
+    clone: bool = True, keep_buffer: bool = False, dtype: torch.dtype | None = None,
 ) -> None:
-    """Export and compare with the HF safetensors: same key set, each key once, bit-identical values."""
+    """Export and compare with the HF safetensors: same key set, each key once, bit-identical values.
+
+    ``clone=False`` keeps the yielded tensors themselves (a consumer that does not copy): they must
+    keep their values although the bucket buffer is reused. ``dtype``: export cast on the fly; the
+    reference is the HF tensor cast the same way.
+    """
     from safetensors.torch import load_file
 
     from megatron_ghpo.bridge.export import export_hf_weights
 
-    ref = load_file(str(Path(hf_dir) / "model.safetensors"))
+    ref = {k: v if dtype is None else v.to(dtype) for k, v in load_file(str(Path(hf_dir) / "model.safetensors")).items()}
     got: dict[str, torch.Tensor] = {}
     dupes = []
-    for name, t in export_hf_weights(chunks, config, bucket_bytes=bucket_bytes, destination=destination, transport=transport):
+    for name, t in export_hf_weights(chunks, config, bucket_bytes=bucket_bytes, destination=destination,
+                                     transport=transport, keep_buffer=keep_buffer, dtype=dtype):  # fmt: skip
         if name in got:
             dupes.append(name)
-        got[name] = t.clone()
+        got[name] = t.clone() if clone else t
     from megatron.core import parallel_state as ps
 
     receives = destination == "all" or (ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0)
@@ -90,25 +98,36 @@ def compare_export(
     record("export_bit_exact", not bad, **tag, mismatched=bad)
 
 
+def stored_dtype(m: dict) -> torch.dtype | None:
+    """Export dtype giving back the stored HF tensors: bf16 for the bf16 model, whose Megatron norm
+    weights are fp32 (the local spec's torch norms ignore params_dtype), else each parameter's own."""
+    return torch.bfloat16 if "bf16" in m["name"] else None
+
+
 def task_import(args: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
     from megatron_ghpo.bridge.checkpoint import build_and_load, hf_to_megatron
     from megatron_ghpo.policy.forward import full_logits
     from megatron_ghpo.policy.parallel import init_parallel
-    from transformers import AutoModelForCausalLM
 
     init_parallel()
     for m in args["models"]:
         tag = {"model": m["name"], "layout": [1, 1, None]}
         hf_to_megatron(m["hf_dir"], m["ckpt"])
         chunks = build_and_load(m["ckpt"], m["hf_dir"])
-        compare_export(chunks, m["hf_dir"], m["hf_dir"], tag, bucket_bytes=args["bucket_bytes"])
+        compare_export(chunks, m["hf_dir"], m["hf_dir"], tag, bucket_bytes=args["bucket_bytes"], dtype=stored_dtype(m))
         tokens = torch.randint(0, m["vocab"], (2, 12), generator=torch.Generator().manual_seed(1))
-        ours = full_logits(chunks, tokens, vocab_size=m["vocab"], device=torch.device("cpu"))
+        fp32 = chunks if next(chunks[0].parameters()).dtype == torch.float32 else build_and_load(
+            m["ckpt"], m["hf_dir"], dtype=torch.float32
+        )  # logits compared in fp32 on both sides (bf16 weights upcast exactly)
+        ours = full_logits(fp32, tokens, vocab_size=m["vocab"], device=torch.device("cpu"))
         hf = AutoModelForCausalLM.from_pretrained(m["hf_dir"], dtype=torch.float32).eval()
         with torch.no_grad():
             ref = hf(tokens).logits
         diff = (ours - ref).abs().max().item()
         record("megatron_logits_vs_hf", diff <= 1e-4, **tag, max_abs_diff=diff)
+        record("checkpoint_dtype", next(chunks[0].parameters()).dtype == (torch.bfloat16 if "bf16" in m["name"] else torch.float32), **tag)
         if m.get("memory"):
             stats = measure_export(chunks, m["hf_dir"], args["memory_bucket_bytes"])
             record("export_memory", stats["peak_extra"] <= stats["bucket_bytes"] + stats["largest"], **tag, **stats)
@@ -125,6 +144,8 @@ def task_import(args: dict) -> None:
 
 def task_layouts(args: dict) -> None:
     from megatron_ghpo.bridge.checkpoint import build_and_load
+    from megatron_ghpo.bridge.hf_load import load_hf_weights
+    from megatron_ghpo.policy.model import build_gpt_model
     from megatron_ghpo.policy.parallel import destroy_parallel, init_parallel
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -137,14 +158,27 @@ def task_layouts(args: dict) -> None:
             chunks = build_and_load(m["ckpt"], m["hf_dir"])
             for transport in ("collective", "shm"):
                 tag = {"model": m["name"], "layout": [tp, pp, vpp], "transport": transport}
-                compare_export(chunks, m["hf_dir"], m["hf_dir"], tag, bucket_bytes=args["bucket_bytes"], transport=transport)
+                compare_export(chunks, m["hf_dir"], m["hf_dir"], tag, bucket_bytes=args["bucket_bytes"], transport=transport,
+                               dtype=stored_dtype(m))  # fmt: skip
                 if m.get("first"):
                     compare_export(chunks, m["hf_dir"], m["hf_dir"], {**tag, "destination": "first"},
                                    bucket_bytes=args["bucket_bytes"], destination="first", transport=transport)  # fmt: skip
+                    for _ in range(2):  # the kept buffer is reused by the second export
+                        compare_export(chunks, m["hf_dir"], m["hf_dir"], {**tag, "keep_buffer": True},
+                                       bucket_bytes=args["bucket_bytes"], transport=transport, keep_buffer=True)  # fmt: skip
+                    compare_export(chunks, m["hf_dir"], m["hf_dir"], {**tag, "consumer_keeps": True},
+                                   bucket_bytes=args["bucket_bytes"], transport=transport, clone=False)  # fmt: skip
+                    compare_export(chunks, m["hf_dir"], m["hf_dir"], {**tag, "cast_bf16": True},
+                                   bucket_bytes=args["bucket_bytes"], transport=transport, dtype=torch.bfloat16)  # fmt: skip
                 if m.get("memory"):
                     stats = measure_export(chunks, m["hf_dir"], args["memory_bucket_bytes"], transport)
                     record("export_memory", stats["peak_extra"] <= stats["bucket_bytes"] + stats["largest"], **tag, **stats)
-            del chunks
+            # Direct HF import into the sharded model (what the policy does at start-up), then export.
+            live = build_gpt_model(m["hf_dir"], params_dtype=stored_dtype(m) or torch.float32, transformer_impl="local")
+            load_hf_weights(live, m["hf_dir"])
+            compare_export(live, m["hf_dir"], m["hf_dir"], {"model": m["name"], "layout": [tp, pp, vpp], "live_import": True},
+                           bucket_bytes=args["bucket_bytes"], dtype=stored_dtype(m))  # fmt: skip
+            del chunks, live
             gc.collect()
         destroy_parallel()
 

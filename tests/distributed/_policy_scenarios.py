@@ -180,12 +180,61 @@ def scenario_world2(out: Path, results: dict) -> None:
         results[name + "_full/weights"] = C.max_diff(pol, tp2_after, "param")
         pol.close(destroy_process_group=False)
 
+    sft_check(cfg, init, samples, results)
+    config_check(out, results)
+
     pol = make(cfg, init=init, bf16=True)  # BF16 params, FP32 master weights in the distributed optimizer
     m = pol.train_step(C.batch(samples))
     results["bf16/loss_rel_diff"] = abs(m["train/loss"] - ref["loss"]) / abs(ref["loss"])
     results["bf16/grad_norm_rel_diff"] = abs(m["train/grad_norm"] - ref["grad_norm"]) / ref["grad_norm"]
     pol.close(destroy_process_group=False)
     scenario_vpp(out, results)
+
+
+def sft_check(cfg, init, samples, results) -> None:
+    """SFT cross-entropy is a token mean over the global batch: the same loss and gradients whether
+    each DP replica sees the whole batch or its half."""
+    pol = make(cfg, init=init)
+    full = pol.forward_backward(samples, mode="sft")
+    C.gather_dp_grads(pol)
+    grads = C.snapshot(pol, "grad")
+    half = pol.forward_backward(my_share(samples, pol, True), mode="sft")
+    C.gather_dp_grads(pol)
+    tokens = sum(sum(s.completion_mask) for s in samples)
+    nll = -sum(m * x for s in samples for m, x in zip(s.completion_mask, pol.compute_logprobs(C.batch([s]), temperature=1.0)[0]))
+    results["sft/loss"] = abs(half["loss"] - full["loss"])
+    results["sft/loss_vs_direct"] = abs(full["loss"] - nll / tokens)
+    results["sft/grads"] = C.max_diff(pol, grads, "grad")
+    results["sft/scale_loss"] = full["loss"]
+    results["sft/scale_grads"] = max(g.abs().max().item() for g in grads.values())
+    pol.close(destroy_process_group=False)
+
+
+def config_check(out: Path, results) -> None:
+    """``MegatronPolicy.from_config`` on HF folders (weights through the bridge's import): the logits
+    equal transformers' on the same weights (Qwen2 tied, Llama untied), and a step runs."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ghpo.config import Config
+    from megatron_ghpo.models.tiny import build_tiny_model
+
+    cfg = Config()
+    cfg.training.per_device_train_batch_size = 2
+    tokens = C.fixed_tokens()
+    for arch, tied in (("qwen2", True), ("llama", False)):
+        hf_dir = out / f"hf_{arch}"
+        if int(os.environ.get("RANK", "0")) == 0:
+            build_tiny_model(hf_dir, arch=arch, vocab_size=C.VOCAB, tie_word_embeddings=tied)
+        torch.distributed.barrier()
+        pol = MegatronPolicy.from_config(cfg, model_dir=hf_dir, total_steps=10)
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            expect = hf(tokens).logits
+        results[f"hf_{arch}/logits"] = C.all_max((pol.full_logits(tokens) - expect).abs().max().item())
+        results[f"hf_{arch}/scale_logits"] = expect.abs().max().item()
+        m = pol.train_step(C.batch(C.fixed_samples(4)))
+        results[f"hf_{arch}/step_ok"] = float(math.isfinite(m["train/loss"]) and m["train/update_skipped"] == 0.0)
+        pol.close(destroy_process_group=False)
 
 
 def schedule_check(cfg, init, samples, results) -> None:

@@ -22,7 +22,7 @@ CLI = [sys.executable, "-m", "megatron_ghpo.bridge.cli", "convert"]
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "MEGATRON_GHPO_NO_PROGRESS": "1"}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,10 @@ def converted(tmp_path_factory) -> dict:
 
 def test_megatron_to_hf_output_is_bit_exact_and_loads(converted):
     import torch
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_ghpo.bridge.hf_load import INDEX_NAME, hf_weight_files
-    from safetensors import safe_open
 
     hf, out = converted["hf"], converted["out"]
     assert (out / INDEX_NAME).is_file() and len(list(out.glob("model-*-of-*.safetensors"))) > 1
@@ -99,9 +99,8 @@ def test_bad_input_fails_fast_without_touching_outputs(converted, tmp_path):
 
 def test_vllm_serves_the_exported_folder(converted):
     pytest.importorskip("vllm")
-    from transformers import AutoModelForCausalLM
-
     import torch
+    from transformers import AutoModelForCausalLM
     from vllm import LLM, SamplingParams
 
     out = converted["out"]

@@ -10,7 +10,6 @@ PP2 x VPP2, DP2 at TP1 PP1), 4 ranks (TP2 x PP2).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,8 +21,9 @@ pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("_bridge_worker.py")
 MODELS = [
-    # name, arch, heads, kv heads, tied, vocab, layers, hidden, ffn
+    # name, arch, heads, kv heads, tied, vocab, layers, hidden, ffn (a "bf16" name: weights stored in bf16)
     ("qwen2_tied_gqa", "qwen2", 4, 2, True, 500, 2, 64, 128),
+    ("qwen2_bf16_untied_gqa", "qwen2", 4, 2, False, 420, 2, 64, 128),
     ("qwen2_untied_mha", "qwen2", 4, 4, False, 390, 2, 64, 96),
     ("llama_tied_mha", "llama", 4, 4, True, 450, 2, 64, 128),
     ("llama_untied_gqa_4l", "llama", 8, 2, False, 520, 4, 64, 128),
@@ -34,8 +34,9 @@ MEMORY_BUCKET = 4 * 1024 * 1024  # about a quarter of the 15.5 MiB memory model
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MEGATRON_GHPO_NO_PROGRESS": "1"}
 
 
-def _perturb(hf_dir: Path) -> None:
-    """Give biases non-zero values (HF initialises them to 0, which would hide a bias layout bug)."""
+def _perturb(hf_dir: Path, bf16: bool) -> None:
+    """Give biases non-zero values (HF initialises them to 0, which would hide a bias layout bug);
+    optionally store every weight in bf16 (and say so in config.json)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -44,8 +45,13 @@ def _perturb(hf_dir: Path) -> None:
     g = torch.Generator().manual_seed(7)
     for k, v in sd.items():
         if k.endswith(".bias"):
-            sd[k] = v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+            v = v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        sd[k] = v.to(torch.bfloat16) if bf16 else v
     save_file(sd, str(path), metadata={"format": "pt"})
+    if bf16:
+        cfg = json.loads((hf_dir / "config.json").read_text())
+        cfg["dtype"] = "bfloat16"
+        (hf_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,7 @@ def models(tmp_path_factory) -> dict:
         hf_dir = root / name
         build_tiny_model(hf_dir, arch=arch, vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
                          num_kv_heads=kv, intermediate_size=ffn, tie_word_embeddings=tied, seed=i, tokenizer_dir=root / "tok")  # fmt: skip
-        _perturb(hf_dir)
+        _perturb(hf_dir, bf16="bf16" in name)
         specs.append({"name": name, "hf_dir": str(hf_dir), "ckpt": str(root / f"{name}.ckpt"), "vocab": vocab,
                       "layers": layers, "memory": name == MEMORY_MODEL[0], "first": name == "llama_untied_gqa_4l"})  # fmt: skip
     return {"root": root, "models": specs, "bad": _bad_inputs(root, Path(specs[0]["hf_dir"]))}
@@ -143,13 +149,16 @@ def test_round_trip_at_layouts(imported, world, layouts):
                                   "memory_bucket_bytes": MEMORY_BUCKET}, world, out, 420)  # fmt: skip
     _report_memory(records)
     _assert_all_ok(records, {"export_keys", "export_bit_exact", "export_memory"})
+    flags = ("keep_buffer", "consumer_keeps", "cast_bf16", "live_import")
     for tp, pp, vpp in layouts:
         done = {r["model"] for r in records if r["check"] == "export_bit_exact" and r["layout"] == [tp, pp, vpp]}
         want = {m["name"] for m in imported["models"] if not (vpp and m["layers"] % (pp * vpp))}
         assert done == want, f"layout TP{tp} PP{pp} VPP{vpp}: compared {sorted(done)}, expected {sorted(want)}"
         for transport in ("collective", "shm"):
             ranks = {r["rank"] for r in records if r["check"] == "export_bit_exact" and r["layout"] == [tp, pp, vpp]
-                     and r["transport"] == transport and "destination" not in r}  # fmt: skip
+                     and r.get("transport") == transport and not {"destination", *flags} & r.keys()}
             assert ranks == set(range(world)), f"{transport}: every rank must receive every tensor, got ranks {ranks}"
     if world == 2:
         assert any(r["check"] == "export_first_nonreceiver_empty" for r in records)
+    variants = {k for r in records if r["check"] == "export_bit_exact" for k in flags if k in r}
+    assert variants == set(flags)

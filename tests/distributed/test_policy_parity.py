@@ -2,9 +2,13 @@
 
 Compared per layout: full logits, per-token completion log-probs, loss, gradients (every shard vs
 the matching slice of the TP=1 gradient), gradient norm, and the weights after one Adam step.
-Also: a checkpoint saved at TP=2 loads at TP=1 and at PP=2 with the same logits, and a NaN loss
-skips the update and is counted; sequence packing, sampling temperature, entropy and BF16 are
-checked on the way. Two launches (2 and 4 processes); see _policy_scenarios.py.
+The loss uses noisy sampling-time log-probs (ratios != 1, some clipped) and beta > 0 (frozen
+reference model), so every part of the GHPO loss takes part. Also: a checkpoint saved at TP=2 loads
+at TP=1 and at PP=2 with the same logits (and, saved fully reshardable, continues training there);
+resume at the same layout is exact; a NaN loss skips the update and is counted. Checked on the way:
+DAPO and SFT normalisation across DP, sequence packing, activation recompute, temperature and
+entropy vs a plain softmax, the warm-up + cosine schedule, BF16, and ``from_config`` on HF folders
+(logits equal transformers'). Two launches (2 and 4 processes); see _policy_scenarios.py.
 """
 
 from __future__ import annotations
@@ -75,6 +79,13 @@ def test_tp2_pp2_dp2_vpp_checkpoint_nan_packing(tmp_path: Path) -> None:
     assert r["resume/loss"] == 0.0 and r["resume/grad_norm"] == 0.0 and r["resume/weights"] == 0.0, r
     assert r["resume/iteration"] == 2.0, r
     assert r["schedule/max_lr_diff"] < 1e-12, f"warm-up + cosine schedule off by {r['schedule/max_lr_diff']:.3e}"
+    # SFT: a global token mean, whatever the DP split; equal to the mean NLL computed directly.
+    assert r["sft/loss"] <= 1e-6 * r["sft/scale_loss"] and r["sft/loss_vs_direct"] <= 1e-5 * r["sft/scale_loss"], r
+    assert r["sft/grads"] <= RTOL["grads"] * r["sft/scale_grads"], f"sft/grads: {r['sft/grads']:.3e}"
+    for arch in ("qwen2", "llama"):  # model provider + HF import: Megatron logits = transformers logits
+        bound = RTOL["logits"] * r[f"hf_{arch}/scale_logits"]
+        assert r[f"hf_{arch}/logits"] <= bound, f"hf_{arch}: max |logit diff| vs transformers {r[f'hf_{arch}/logits']:.3e}"
+        assert r[f"hf_{arch}/step_ok"] == 1.0, f"MegatronPolicy.from_config({arch}) train step failed"
     # BF16 weights: same loss and gradient norm as FP32 up to bf16 rounding.
     assert r["bf16/loss_rel_diff"] < 0.05 and r["bf16/grad_norm_rel_diff"] < 0.05, r
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ghpo.bridge.buckets import ALIGN, Bucket, BucketBuffer, largest_tensor_bytes, plan_buckets
+from megatron_ghpo.bridge.buckets import (
+    ALIGN,
+    Bucket,
+    BucketBuffer,
+    bucket_capacity,
+    largest_tensor_bytes,
+    plan_buckets,
+)
 from megatron_ghpo.bridge.layout import ModelDims
 from megatron_ghpo.bridge.mapping import ARCHS, arch_for, dims_from_hf, hf_names, is_tied
 from megatron_ghpo.bridge.plan import Plan, PlanEntry
@@ -87,37 +94,45 @@ def _plan(entries):
     return Plan(entries=tuple(entries), dims=dims, arch=ARCHS["qwen2"], tp=1, tied=False)
 
 
-def test_buckets_respect_budget_and_stages():
-    entries = [_entry(0, "a", [(100,)]), _entry(0, "b", [(100,)]), _entry(0, "c", [(1000,)]), _entry(0, "d", [(10,)]),
+def test_buckets_pack_to_capacity_one_stage_each():
+    entries = [_entry(0, "a", [(100,)]), _entry(0, "b", [(100,)]), _entry(0, "c", [(900,)]), _entry(0, "d", [(10,)]),
                _entry(1, "e", [(10,)]), _entry(1, "f", [(20,), (30,)])]  # fmt: skip
     skipped = PlanEntry(stage=1, chunk=0, name="tied", layout="vocab", local_shape=(4, 4), dtype=torch.float32, hf_names=(), hf_shapes=())
     plan = _plan([*entries, skipped])
+    # c (3600 B -> 3648 aligned) exceeds bucket_bytes=1024: the buffer holds 3648 B, and buckets are packed up to that.
+    assert bucket_capacity(plan, 1024, None) == 3648
     buckets = plan_buckets(plan, 1024, None)
-    names = [[e.name for e in b.entries] for b in buckets]
-    assert names == [["a", "b"], ["c"], ["d"], ["e", "f"]]  # c alone exceeds 1024 B: its own bucket
+    assert [[e.name for e in b.entries] for b in buckets] == [["a", "b"], ["c"], ["d"], ["e", "f"]]
     assert [b.stage for b in buckets] == [0, 0, 0, 1]
-    for b in buckets:
-        flat = [(o, e) for e, offs in zip(b.entries, b.offsets) for o in offs]
-        assert all(o % ALIGN == 0 for o, _ in flat)
-        assert b.nbytes <= 1024 or len(b.entries) == 1
     assert buckets[3].offsets == [[0], [64, 192]]  # e: 40 B -> 64; f.0: 80 B -> 128
-    assert largest_tensor_bytes(plan, None) == 4000
-    assert largest_tensor_bytes(plan, torch.bfloat16) == 2000
-    assert max(b.nbytes for b in plan_buckets(plan, 1024, torch.bfloat16)) <= 2048
+    for b in buckets:
+        assert all(o % ALIGN == 0 for offs in b.offsets for o in offs) and b.nbytes <= 3648
+    # 448 + 448 + 3648 > 4096, so c starts a bucket that d (64 B) still fits in.
+    assert [[e.name for e in b.entries] for b in plan_buckets(plan, 4096, None)] == [["a", "b"], ["c", "d"], ["e", "f"]]
+    assert [[e.name for e in b.entries] for b in plan_buckets(plan, 64, None)] == [["a", "b"], ["c"], ["d"], ["e", "f"]]
+    assert largest_tensor_bytes(plan, None) == 3600 and largest_tensor_bytes(plan, torch.bfloat16) == 1800
+    # Yield order: plan order, smallest tensor last (the one a consumer's loop variable still holds).
+    assert [n for n, *_ in buckets[3].yield_order(None)] == ["f.0", "f.1", "e.0"]
+    assert [n for n, *_ in plan_buckets(plan, 4096, None)[0].yield_order(None)] == ["b.0", "a.0"]
     with pytest.raises(ValueError, match="bucket_bytes"):
         plan_buckets(plan, 0, None)
     assert isinstance(buckets[0], Bucket)
 
 
-def test_buffer_detects_kept_tensors_except_the_last():
+def test_buffer_reclaims_tensors_the_consumer_keeps():
     buf = BucketBuffer.allocate(1024, torch.device("cpu"))
     with pytest.raises(ValueError, match="flat uint8"):
         BucketBuffer(torch.zeros(4))
-    views = [buf.hand_out(buf.view(64 * i, (4, 2), torch.float32)) for i in range(3)]
-    assert buf.view(64, (4, 2), torch.float32).data_ptr() == buf.t.data_ptr() + 64
-    assert buf.kept() == 2  # the first two are still referenced; the last one is allowed
-    views.clear()
-    first = buf.hand_out(buf.view(0, (2,), torch.bfloat16))
-    last = buf.hand_out(buf.view(64, (2,), torch.bfloat16))
-    del first
-    assert buf.kept() == 0 and last.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="does not fit"):
+        buf.view(1020, (2,), torch.float32)
+    a = buf.hand_out(buf.view(0, (4, 2), torch.float32))
+    b = buf.hand_out(buf.view(64, (3,), torch.bfloat16))
+    dropped = buf.hand_out(buf.view(128, (4,), torch.float32))
+    assert a.data_ptr() == buf.t.data_ptr() and b.data_ptr() == buf.t.data_ptr() + 64 and a._base is None
+    a.copy_(torch.arange(8.0).view(4, 2))
+    b.fill_(1.5)
+    del dropped
+    assert buf.reclaim() == 32 + 6  # a and b are alive: moved to private copies
+    buf.t.fill_(0)  # the next bucket overwrites the buffer
+    assert torch.equal(a, torch.arange(8.0).view(4, 2)) and torch.equal(b, torch.full((3,), 1.5, dtype=torch.bfloat16))
+    assert buf.reclaim() == 0

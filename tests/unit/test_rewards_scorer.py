@@ -13,6 +13,12 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def pool():
+    with VerifierPool(2, timeout_s=20.0) as p:  # generous: these tests check values, not timeouts
+        yield p
+
+
+@pytest.fixture(scope="module")
+def short_pool():
     with VerifierPool(2, timeout_s=0.5) as p:
         yield p
 
@@ -74,9 +80,9 @@ def test_columns_reach_reward_functions():
     assert g.rewards == [2.0, 3.0]
 
 
-def test_repeated_one_group_calls_from_threads_count_their_own_timeouts(pool):
+def test_repeated_one_group_calls_from_threads_count_their_own_timeouts(short_pool):
     tower = "$\\boxed{" + "9^{" * 8 + "9" + "}" * 8 + "}$"
-    scorer = RewardScorer(get_reward_funcs(["accuracy"]), pool=pool)
+    scorer = RewardScorer(get_reward_funcs(["accuracy"]), pool=short_pool)
     results, errors = {}, []
 
     def run(k):

@@ -127,7 +127,9 @@ def gpu_rows(steps: int) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=3, help="timed train steps per configuration (after one warm-up)")
+    ap.add_argument(
+        "--steps", type=int, default=3, help="timed train steps per configuration (after one warm-up)"
+    )
     ap.add_argument("--skip-cpu", action="store_true", help="only the GPU rows (when CUDA is present)")
     ns = ap.parse_args()
     import torch
@@ -135,7 +137,9 @@ def main() -> int:
     rows = [] if ns.skip_cpu else cpu_rows(ns.steps)
     if torch.cuda.is_available():
         rows += gpu_rows(ns.steps)
-    print(f"{'configuration':40s} {'params/rank0':>13s} {'tokens/step':>11s} {'s/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
+    print(
+        f"{'configuration':40s} {'params/rank0':>13s} {'tokens/step':>11s} {'s/step':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}"
+    )
     for r in rows:
         tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"

@@ -1,0 +1,117 @@
+"""Pure parts of the policy package: size checks, vocabulary padding, HF config reading, micro-batching."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_ghpo.policy.batching import make_micro_batches, pack_rows, validate_samples
+from megatron_ghpo.policy.hf_arch import hf_arch
+from megatron_ghpo.policy.model import padded_vocab_size
+from megatron_ghpo.policy.optimizer import OptimizerOptions
+from megatron_ghpo.policy.parallel import check_parallel_sizes
+from megatron_ghpo.records import TrainSample
+
+pytestmark = pytest.mark.unit
+
+
+def test_parallel_sizes_error_names_every_number() -> None:
+    assert check_parallel_sizes(8, 2, 2, 16, 8, 24) == 2
+    with pytest.raises(ValueError) as err:
+        check_parallel_sizes(6, 4, 1, num_heads=14, num_kv_heads=2, num_layers=3)
+    msg = str(err.value)
+    for fragment in ("world size 6", "4 x pipeline_model_parallel_size 1 = 4", "num_attention_heads 14",
+                     "num_key_value_heads 2"):  # fmt: skip
+        assert fragment in msg, msg
+    with pytest.raises(ValueError, match="num_hidden_layers 6 is not divisible by pipeline_model_parallel_size 2 x virtual"):
+        check_parallel_sizes(2, 1, 2, num_layers=6, vpp=4)
+    with pytest.raises(ValueError, match="needs pipeline_model_parallel_size > 1"):
+        check_parallel_sizes(2, 2, 1, vpp=2)
+
+
+@pytest.mark.parametrize(("vocab", "div", "tp", "expect"), [(500, 128, 1, 512), (512, 128, 2, 512), (513, 128, 2, 768),
+                                                            (151936, 128, 4, 152064), (1, 1, 1, 1)])  # fmt: skip
+def test_padded_vocab_size(vocab: int, div: int, tp: int, expect: int) -> None:
+    assert padded_vocab_size(vocab, div, tp) == expect
+
+
+def _cfg(**kw) -> dict:
+    base = {"model_type": "qwen2", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "rms_norm_eps": 1e-5}  # fmt: skip
+    return {**base, **kw}
+
+
+def test_hf_arch_reads_both_rope_layouts() -> None:
+    a = hf_arch(_cfg())
+    assert (a.rope_theta, a.head_dim, a.qkv_bias, a.num_kv_heads, a.rms_norm_eps) == (1e6, 16, True, 2, 1e-5)
+    legacy = _cfg(model_type="llama", rope_parameters=None, rope_theta=5e5, head_dim=32)
+    b = hf_arch(legacy)
+    assert (b.rope_theta, b.head_dim, b.qkv_bias) == (5e5, 32, False)
+
+
+@pytest.mark.parametrize(("change", "field"), [({"model_type": "gpt2"}, "model_type"), ({"hidden_act": "gelu"}, "hidden_act"),
+                                               ({"mlp_bias": True}, "mlp_bias"),
+                                               ({"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
+                                               ({"rope_parameters": {"rope_type": "yarn", "factor": 4}}, "rope_type")])  # fmt: skip
+def test_hf_arch_refuses_what_it_cannot_reproduce(change: dict, field: str) -> None:
+    with pytest.raises(NotImplementedError, match=field):
+        hf_arch(_cfg(**change))
+
+
+def _sample(p: int, c: int, mask: list[int] | None = None) -> TrainSample:
+    return TrainSample(prompt_ids=list(range(10, 10 + p)), completion_ids=list(range(50, 50 + c)), advantage=1.0,
+                       completion_mask=mask or [1] * c)  # fmt: skip
+
+
+def test_padded_micro_batch_indexes_the_scoring_positions() -> None:
+    samples = [_sample(3, 2), _sample(2, 4, [1, 1, 1, 0])]
+    (mb,) = make_micro_batches(samples, micro_batch_size=2, pad_token_id=0)
+    assert mb.tokens.shape == (2, 5)  # longest: 2 + 4 - 1 tokens
+    assert mb.tokens[0].tolist() == [10, 11, 12, 50, 0] and mb.tokens[1].tolist() == [10, 11, 50, 51, 52]
+    # completion token t of sequence i is scored at row position len(prompt) + t - 1
+    assert mb.flat_index[0, :2].tolist() == [2, 3] and mb.flat_index[1].tolist() == [5 + 1, 5 + 2, 5 + 3, 5 + 4]
+    assert mb.valid.tolist() == [[True, True, False, False], [True] * 4]
+    assert mb.loss_mask[1].tolist() == [1, 1, 1, 0] and mb.attention_mask is None
+    # the input position right after a scoring position holds the scored token (except the last one,
+    # which the model never reads)
+    flat = mb.tokens.reshape(-1)
+    assert flat[mb.flat_index[1, :3] + 1].tolist() == mb.targets[1, :3].tolist() == [50, 51, 52]
+
+
+def test_packed_row_restarts_positions_and_blocks_attention() -> None:
+    samples = [_sample(2, 2), _sample(3, 1)]
+    (mb,) = make_micro_batches(samples, max_tokens_per_micro_batch=8)
+    assert mb.tokens.shape == (1, 3 + 3)
+    assert mb.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2]
+    m = mb.attention_mask[0, 0]
+    assert not m[4, 3] and m[4, 2] and m[1, 2], "block-diagonal causal mask (True = masked)"
+    assert mb.flat_index[1, 0].item() == 3 + 2  # second sequence's first scoring position
+
+
+def test_pack_rows_first_fit_decreasing_and_budget_error() -> None:
+    assert pack_rows([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]
+    with pytest.raises(ValueError, match="sample 1 needs 9 tokens"):
+        pack_rows([2, 9], 8)
+
+
+def test_uniform_shape_and_multiple_padding() -> None:
+    samples = [_sample(2, 2), _sample(5, 4), _sample(2, 1)]
+    mbs = make_micro_batches(samples, micro_batch_size=2, uniform_shape=True, pad_to_multiple_of=4)
+    assert [tuple(mb.tokens.shape) for mb in mbs] == [(2, 8), (2, 8)]
+    assert mbs[1].num_sequences == 1 and (mbs[1].tokens[1] == 0).all(), "padding row carries no sequence"
+
+
+def test_validate_samples_names_the_row() -> None:
+    with pytest.raises(ValueError, match=r"samples\[1\]\.completion_mask has 1 entries for 2"):
+        validate_samples([_sample(1, 1), TrainSample(prompt_ids=[1], completion_ids=[2, 3], advantage=0.0, completion_mask=[1])])
+    with pytest.raises(ValueError, match=r"samples\[0\] holds token ids \[50\] outside the vocabulary \[0, 20\)"):
+        validate_samples([_sample(1, 1)], vocab_size=20)
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        validate_samples([TrainSample(prompt_ids=[], completion_ids=[1], advantage=0.0, completion_mask=[1])])
+
+
+def test_optimizer_options_validation() -> None:
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        OptimizerOptions(lr_warmup_steps=5, lr_decay_steps=5)
+    with pytest.raises(ValueError, match="min_lr"):
+        OptimizerOptions(lr=1e-6, min_lr=1e-5)

@@ -18,7 +18,10 @@ export VLLM_ENABLE_V1_MULTIPROCESSING=0
 export NEMORUN_HOME=$(CACHE)/nemo_run
 export PYTHONUNBUFFERED=1
 
-.PHONY: install demo test test-unit test-distributed test-e2e lint clean
+LAUNCH_VENV := .venv-launch
+LAUNCH_STAMP := $(LAUNCH_VENV)/.installed-nemo-run-0.11.1
+
+.PHONY: install launch-env demo test test-unit test-distributed test-e2e lint clean
 
 install: $(STAMP)
 
@@ -38,11 +41,21 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# NeMo-Run lives in its own environment: its pins clash with vLLM's. It only launches jobs.
+launch-env: $(LAUNCH_STAMP)
+
+$(LAUNCH_STAMP):
+	@test -x $(LAUNCH_VENV)/bin/python || $(PYTHON) -m venv $(LAUNCH_VENV)
+	$(LAUNCH_VENV)/bin/python -m pip install --quiet --upgrade "pip>=24,<27"
+	$(LAUNCH_VENV)/bin/python -m pip install --quiet nemo-run==0.11.1 leptonai==0.27.3
+	$(LAUNCH_VENV)/bin/python -c "import nemo_run; print('nemo-run', nemo_run.__version__)"
+	@touch $@
+
 demo: $(STAMP)
 	@mkdir -p $(CACHE)
 	$(VENV)/bin/megatron-ghpo demo --out outputs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(LAUNCH_STAMP)
 	@mkdir -p $(CACHE)
 	@$(PY) -m pytest tests -q; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
@@ -60,4 +73,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check megatron_ghpo tests tools
 
 clean:
-	rm -rf $(VENV) $(CACHE) outputs
+	rm -rf $(VENV) $(LAUNCH_VENV) $(CACHE) outputs

@@ -133,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sft)
     sft.add_argument("--resume", help=argparse.SUPPRESS)
     sft.set_defaults(func=cmd_sft)
+    from megatron_ghpo.bridge.cli import add_convert_parser
     from megatron_ghpo.eval.cli import add_eval_parser
+
+    add_convert_parser(sub)
+    from megatron_ghpo.rollout.server import add_rollout_server_parser
+
+    add_rollout_server_parser(sub)
 
     add_eval_parser(sub)
     from megatron_ghpo.demo import add_demo_parser

@@ -120,6 +120,17 @@ class RolloutConfig:
     max_completion_length: int = 256
     bridge_bucket_bytes: int = 256 * 1024 * 1024
     """Upper bound of one weight-sync bucket (bytes)."""
+    rollout_mode: Literal["colocated", "server"] = "colocated"
+    """`colocated`: vLLM inside the training processes; `server`: a separate `megatron-ghpo rollout-server`
+    (the original GHPO's 1 + N node layout) that receives weights by a collective broadcast."""
+    rollout_server_url: str = ""
+    """`http://HOST:PORT` of the rollout server (rollout_mode: server)."""
+    rollout_server_timeout_s: float = 600.0
+    """Longest wait for one server call (generate, weight load) before the trainer fails with an error."""
+    rollout_server_ready_timeout_s: float = 900.0
+    """How long the trainer waits for the server to come up."""
+    rollout_server_shutdown_on_close: bool = True
+    """Stop the server when training ends (so a split Slurm job finishes)."""
     check_weight_sync: bool = False
     """After every sync, score one trained sequence with the engine and the policy at temperature 1
     and log the largest log-prob difference (`rollout/sync_max_logprob_diff`); costs one small forward."""
@@ -134,6 +145,12 @@ class RolloutConfig:
         _require(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization",
                  self.vllm_gpu_memory_utilization, "must be in (0, 1]")
         _require(self.bridge_bucket_bytes >= 1 << 20, "bridge_bucket_bytes", self.bridge_bucket_bytes, "must be >= 1 MiB")
+        if self.rollout_mode == "server":
+            _require(self.rollout_server_url.startswith(("http://", "https://")), "rollout_server_url",
+                     self.rollout_server_url, "rollout_mode: server needs the server's address, e.g. http://node0:8000")
+        _require(self.rollout_server_timeout_s > 0, "rollout_server_timeout_s", self.rollout_server_timeout_s, "must be > 0")
+        _require(self.rollout_server_ready_timeout_s > 0, "rollout_server_ready_timeout_s",
+                 self.rollout_server_ready_timeout_s, "must be > 0")
 
 
 HINT_TEMPLATE = (

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,7 @@ def run_demo(args: argparse.Namespace) -> int:
     logger.info("model and data ready under %s", out)
     sft_dir = out / "sft"
     if not (sft_dir / "hf" / "config.json").is_file() or args.force:
+        shutil.rmtree(sft_dir, ignore_errors=True)
         _cli(["sft", "--config", str(EXAMPLES / "sft.yaml"), "--set", f"model_name_or_path={paths['base']}",
               "--set", f"dataset_name={paths['sft']}", "--set", f"output_dir={sft_dir}",
               "--set", f"max_steps={args.sft_steps}", "--set", "overwrite_output_dir=true"], logs / "sft.log", 1800)
@@ -158,6 +160,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for seed in range(args.seeds):
         for method in METHODS:
             run_dir = out / f"{method}_seed{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)
             _cli(["train", "--config", str(EXAMPLES / f"{method}.yaml"),
                   "--set", f"model_name_or_path={sft_dir / 'hf'}", "--set", f"dataset_name={paths['rl']}",
                   "--set", f"output_dir={run_dir}", "--set", f"max_steps={args.rl_steps}", "--set", f"seed={42 + seed}",
@@ -184,7 +187,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--seeds", type=int, default=1, help="GHPO/GRPO run pairs (seeds 42, 43, ...)")
     p.add_argument("--rl-steps", type=int, default=40)
-    p.add_argument("--sft-steps", type=int, default=800)
+    p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--rl-problems", type=int, default=2000)
     p.add_argument("--sft-problems", type=int, default=8000)
     p.add_argument("--heldout", type=int, default=300)

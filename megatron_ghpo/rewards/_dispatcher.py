@@ -57,15 +57,16 @@ class TaskQueue:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
 
-    def put(self, task: Task, affinity: str | None) -> None:
+    def put(self, tasks: list[Task], affinities: list[str | None]) -> None:
+        """Queue tasks (one lock acquisition and one wake-up for the whole batch)."""
+        for task, key in zip(tasks, affinities):
+            if key is not None:
+                task.slot = zlib.crc32(key.encode("utf-8", "replace")) % len(self._by_slot)
         with self.lock:
             if self.closing:
                 raise PoolClosedError("the verifier pool is closed; create a new one")
-            if affinity is None:
-                self._shared.append(task)
-            else:
-                task.slot = zlib.crc32(affinity.encode("utf-8", "replace")) % len(self._by_slot)
-                self._by_slot[task.slot].append(task)
+            for task in tasks:
+                (self._shared if task.slot is None else self._by_slot[task.slot]).append(task)
         self.wake()
 
     def take(self, slot: int) -> Task | None:
@@ -145,6 +146,8 @@ class Dispatcher:
         self._failed_starts = [0] * num_workers
         self._restarts = 0
         self._sel = selectors.DefaultSelector()
+        self._rbuf = bytearray(1 << 18)  # one receive buffer, reused (no allocation per read)
+        self._rview = memoryview(self._rbuf)
         self.started = threading.Event()
         self.fatal: BaseException | None = None
 
@@ -261,16 +264,16 @@ class Dispatcher:
 
     def _read(self, w: _Worker) -> None:
         try:
-            data = w.sock.recv(1 << 20)
+            n = w.sock.recv_into(self._rbuf)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self._died(w, "worker exited")
             return
         try:
-            frames = w.reader.feed(data)
+            frames = w.reader.feed(self._rview[:n])
         except Exception as exc:  # noqa: BLE001 - a corrupt stream means a broken worker
             self._died(w, f"unreadable reply: {exc!r}")
             return

@@ -166,7 +166,34 @@ def sleep_for(seconds: float) -> int:
     return os.getpid()
 
 
+_WARM_ANSWERS = (
+    "42", "-7", "0.25", "3.14", "10,000", "1{,}000", "2.5 \\times 10^{3}", "\\frac{3}{4}", "-\\dfrac{5}{12}",
+    "\\tfrac12", "7/8", "2\\sqrt{3}", "\\frac{\\sqrt{5}}{2}", "\\sqrt[3]{2}", "3\\pi", "\\frac{\\pi}{6}",
+    "e^{2}", "\\log_2 5", "\\ln 3", "\\sin 30^\\circ", "45^\\circ", "25\\%", "\\$18.50", "3+4i",
+    "x^2+2x+1", "(x-1)(x+2)", "y = 2x + 3", "x > 5", "-2 \\le x < 3", "(2, 3)", "[0, 1)",
+    "(-\\infty, -5) \\cup (7, \\infty)", "\\{1, 2, 3\\}", "(1, -2, 3)", "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+    "\\begin{pmatrix} 2 \\\\ -1 \\end{pmatrix}", "\\text{(C)}", "\\text{Evelyn}", "12 \\text{ cm}^2", "\\binom{10}{3}",
+    "5!", "2^{10}", "\\infty", "a = 3, b = -2", "\\frac{x+1}{x-1}", "1 - \\frac{1}{e}", "4:30 \\text{ p.m.}",
+    "\\left( 3, \\frac{\\pi}{2} \\right)", "0.\\overline{3}", "\\sum_{k=1}^{n} k", "\\mathbf{(B)}", "-\\frac{\\sqrt{2}}{2}",
+)  # fmt: skip
+"""Typical final answers: scoring them once warms math-verify's lazy state (the LaTeX parser's DFA,
+lazily imported sympy modules, compiled patterns), which forked workers then share copy-on-write."""
+
+
 def warm_up() -> None:
-    """Import math-verify and run one full parse/verify so forked workers start warm."""
-    score_accuracy("$\\frac{1}{2}$", "The answer is $\\boxed{0.5}$.")
+    """Import math-verify and score a spread of typical answers so forked workers start warm.
+
+    A cold process spent ~1.7x the CPU of a warm one on the 800 graded responses (0.58 s vs 0.33 s;
+    0.35 s after this warm-up). Caches keyed by content are emptied afterwards, so the warm-up gives
+    no answer-specific head start. Costs ~1.1 s of CPU once per pool (in the helper process).
+    """
+    for i, ans in enumerate(_WARM_ANSWERS):
+        wrong = _WARM_ANSWERS[(i + 1) % len(_WARM_ANSWERS)]
+        score_accuracy(
+            "\\boxed{" + ans + "}",
+            f"We compute step by step: $x = {ans}$. So the answer is $\\boxed{{{ans}}}$.",
+        )
+        score_accuracy(
+            "$" + ans + "$", f"Hence \\[ y = {wrong} \\] and the final answer is \\boxed{{{wrong}}}."
+        )
     clear_caches()

@@ -26,8 +26,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, wait
 from typing import Any, Self
 
 from megatron_ghpo.rewards._dispatcher import Dispatcher, Task, TaskQueue
@@ -117,10 +116,13 @@ class VerifierPool:
         per-process caches (parsed gold, parsed answers) are hit; an idle worker still takes work
         queued for a busy one.
         """
+        return self._submit_many(ref, [args], [affinity])[0]
+
+    def _submit_many(self, ref: str, arg_list: list[Iterable[Any]], keys: list[str | None]) -> list[Future]:
         self._check_usable()
-        task = Task(next(self._ids), ref, tuple(args))
-        self._queue.put(task, affinity)
-        return task.future
+        tasks = [Task(next(self._ids), ref, tuple(args)) for args in arg_list]
+        self._queue.put(tasks, keys)
+        return [t.future for t in tasks]
 
     def map(
         self, ref: str, arg_tuples: Iterable[Iterable[Any]], *, affinity: Sequence[str | None] | None = None
@@ -133,18 +135,11 @@ class VerifierPool:
         keys = list(affinity) if affinity is not None else [None] * len(arg_list)
         if len(keys) != len(arg_list):
             raise ValueError(f"affinity has {len(keys)} keys for {len(arg_list)} tasks")
-        futures = [self.submit(ref, args, affinity=key) for args, key in zip(arg_list, keys)]
-        results: list[TaskResult] = []
-        for fut in futures:
-            while True:
-                try:
-                    results.append(fut.result(timeout=1.0))
-                    break
-                except FutureTimeout:
-                    if not self._thread.is_alive():
-                        raise VerifierPoolError(
-                            f"verifier pool dispatcher stopped: {self._dispatcher.fatal!r}"
-                        ) from None
+        futures = self._submit_many(ref, arg_list, keys)
+        while wait(futures, timeout=1.0).not_done:  # one wake-up when all are done, not one per task
+            if not self._thread.is_alive():
+                raise VerifierPoolError(f"verifier pool dispatcher stopped: {self._dispatcher.fatal!r}")
+        results: list[TaskResult] = [fut.result() for fut in futures]
         mine = self._thread_counters()
         with self._counter_lock:
             for r in results:

@@ -30,9 +30,19 @@ def check_model_dir(path: str) -> Path:
             f"model_name_or_path {path!r} is not a local folder; download the model first (e.g. "
             f"`hf download {path} --local-dir models/{p.name}`) and point model_name_or_path at that folder"
         )
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {path!r} has no config.json: it is not a Hugging Face model folder")
+    if not (p / "config.json").is_file() and not (p / "hf" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model folder {path!r} has no config.json: it is neither a Hugging Face model folder nor a checkpoint "
+            "written by `megatron-ghpo convert hf-to-megatron`"
+        )
     return p
+
+
+def hf_side_dir(model_dir: str | Path) -> str:
+    """The folder holding config.json and the tokenizer: the model folder itself, or ``CKPT/hf`` of a
+    Megatron checkpoint written by `megatron-ghpo convert hf-to-megatron`."""
+    p = Path(model_dir)
+    return str(p / "hf") if not (p / "config.json").is_file() and (p / "hf" / "config.json").is_file() else str(p)
 
 
 def build_policy(cfg: Config, model_dir: Path, *, total_steps: int, mode: str):
@@ -101,11 +111,23 @@ def engine_dtype(cfg: Config) -> str:
     return ("bfloat16" if cfg.model.bf16 else "float32") if d == "auto" else d
 
 
-def engine_from_config(cfg: Config, model_dir: str, *, world_size: int):
-    """The leader's rollout engine: vLLM (or the transformers engine when ``use_vllm: false``)."""
+def engine_from_config(cfg: Config, model_dir: str, *, groups: TrainerGroups):
+    """This rank's rollout engine: colocated vLLM (or the transformers engine when ``use_vllm: false``),
+    or, with ``rollout_mode: server``, a client of the rollout server on the leaders (None elsewhere)."""
     from megatron_ghpo.rollout.factory import build_rollout_engine
 
     r = cfg.rollout
+    if r.rollout_mode == "server":
+        if not groups.is_leader:
+            return None
+        from megatron_ghpo.rollout.remote import RemoteRolloutEngine
+
+        return RemoteRolloutEngine(
+            r.rollout_server_url, timeout_s=r.rollout_server_timeout_s, ready_timeout_s=r.rollout_server_ready_timeout_s,
+            bucket_bytes=r.bridge_bucket_bytes, push_weights=groups.dp_rank == 0,
+            shutdown_on_close=r.rollout_server_shutdown_on_close,
+            min_model_len=cfg.data.max_prompt_length + r.max_completion_length + 1,
+        )
     # +1: scoring a full prompt + completion (check_weight_sync) asks the engine for one more position
     common = dict(dtype=engine_dtype(cfg), max_model_len=cfg.data.max_prompt_length + r.max_completion_length + 1,
                   seed=cfg.training.seed)
@@ -115,7 +137,7 @@ def engine_from_config(cfg: Config, model_dir: str, *, world_size: int):
         "vllm", model_dir, **common, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
         enable_prefix_caching=r.vllm_enable_prefix_caching,
         kv_cache_gib=None if torch.cuda.is_available() else r.vllm_kv_cache_gb,
-        colocate="per_rank" if world_size > 1 else "none",
+        colocate="per_rank" if groups.world_size > 1 else "none",
     )
 
 
@@ -225,7 +247,7 @@ def build_components(cfg: Config, *, resume_step: int) -> Components:
     if groups.is_logger:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(hf_side_dir(model_dir), trust_remote_code=cfg.model.trust_remote_code)
     stream = PromptStream(problems, prompts_per_step=prompts_per_step, dp_rank=groups.dp_rank,
                           dp_size=groups.dp_size, seed=cfg.training.seed, shuffle=cfg.data.shuffle_dataset)
     lg = cfg.logging
@@ -236,7 +258,7 @@ def build_components(cfg: Config, *, resume_step: int) -> Components:
                    sampling=sampling_from_config(cfg))
     # vLLM builds its process groups over the whole torch world, so every rank starts an engine at the
     # same moment (colocate="per_rank"); only the rollout leaders generate with theirs.
-    c.engine = engine_from_config(cfg, str(model_dir), world_size=groups.world_size)
+    c.engine = engine_from_config(cfg, str(model_dir), groups=groups)
     if groups.is_leader:
         from megatron_ghpo.data import PromptRenderer
         from megatron_ghpo.ghpo.memory import DifficultyMemory

@@ -13,9 +13,9 @@ import torch
 from megatron_ghpo.config import Config
 from megatron_ghpo.logging_utils import get_logger, progress
 from megatron_ghpo.train import checkpointing as ck
-from megatron_ghpo.train.components import Components, build_components, engine_dtype
+from megatron_ghpo.train.components import Components, build_components, engine_dtype, hf_side_dir
 from megatron_ghpo.train.dist_utils import barrier, broadcast_object, mean_across_leaders
-from megatron_ghpo.train.state import load_trainer_state, save_trainer_state
+from megatron_ghpo.train.state import load_trainer_state, replace_hf_folder, save_trainer_state
 
 logger = get_logger("trainer")
 
@@ -44,6 +44,8 @@ class Trainer:
         self.resume_from = ck.resolve_resume(cfg.checkpoint.output_dir, resume, cfg.checkpoint.overwrite_output_dir)
         self.c: Components = build_components(cfg, resume_step=self._resume_step())
         self.start_step = 0
+        self.weight_version = 0
+        """Weight loads into the engine since the run began (restored on resume)."""
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.total_steps = self.c.stream.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
@@ -129,7 +131,8 @@ class Trainer:
                 c.metrics.log(n, metrics)
             if self._should_save(n, steps_per_epoch):
                 self.save(n)
-        c.policy.save_hf(Path(cfg.checkpoint.output_dir) / "hf", tokenizer_dir=cfg.model.model_name_or_path)
+        replace_hf_folder(c.policy, Path(cfg.checkpoint.output_dir) / "hf", hf_side_dir(cfg.model.model_name_or_path),
+                          c.groups.rank)
         barrier()
         logger.info("final weights written as a Hugging Face folder: %s", Path(cfg.checkpoint.output_dir) / "hf")
         c.close()
@@ -181,8 +184,6 @@ class Trainer:
         self._sync_weights()  # the engine started from the HF weights; give it the resumed ones
         self.weight_version = state["weight_version"]
         logger.info("resumed from %s at step %d", path, self.start_step)
-
-    weight_version: int = 0
 
 
 def run_training(cfg: Config, *, resume: str | None) -> None:

@@ -18,6 +18,7 @@ from megatron_ghpo.logging_utils import get_logger, progress
 from megatron_ghpo.records import TrainBatch, TrainSample
 from megatron_ghpo.train import checkpointing as ck
 from megatron_ghpo.train.dist_utils import barrier, broadcast_object
+from megatron_ghpo.train.state import replace_hf_folder
 
 logger = get_logger("sft")
 
@@ -45,7 +46,7 @@ def run_sft(cfg: Config, *, resume: str | None) -> None:
     from transformers import AutoTokenizer
 
     from megatron_ghpo.data import PromptRenderer
-    from megatron_ghpo.train.components import build_policy, check_model_dir, load_training_problems
+    from megatron_ghpo.train.components import build_policy, check_model_dir, hf_side_dir, load_training_problems
     from megatron_ghpo.train.data_stream import PromptStream
     from megatron_ghpo.train.dist_utils import build_groups
     from megatron_ghpo.train.metrics import MetricsLogger
@@ -61,7 +62,7 @@ def run_sft(cfg: Config, *, resume: str | None) -> None:
     total = PromptStream.count_steps(len(problems), per_step, cfg.training.num_train_epochs, cfg.training.max_steps)
     policy = build_policy(cfg, model_dir, total_steps=total, mode="sft")
     groups = build_groups(policy.replica_ranks(), policy.rank)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(hf_side_dir(model_dir))
     renderer = PromptRenderer(tokenizer, system_prompt=cfg.data.system_prompt,
                               max_prompt_length=cfg.data.max_prompt_length, hint_template=cfg.ghpo.hint_template,
                               hint_split=cfg.ghpo.hint_split, hint_guard=cfg.ghpo.hint_guard)
@@ -79,7 +80,7 @@ def run_sft(cfg: Config, *, resume: str | None) -> None:
         m = policy.sft_step(batch)
         if groups.is_logger and ((step + 1) % cfg.logging.logging_steps == 0 or step + 1 == total):
             metrics.log(step + 1, m)
-    policy.save_hf(out / "hf", tokenizer_dir=str(model_dir))
+    replace_hf_folder(policy, out / "hf", hf_side_dir(model_dir), groups.rank)
     barrier()
     metrics.close()
     logger.info("SFT done: %d steps; Hugging Face folder at %s", total, out / "hf")

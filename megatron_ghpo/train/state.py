@@ -36,3 +36,26 @@ def load_trainer_state(ckpt_dir: Path, *, rank: int) -> dict[str, Any]:
     state = torch.load(path, weights_only=False)
     _set_rng_state(state["rng"])
     return state
+
+
+def replace_hf_folder(policy, target: Path, tokenizer_dir: str, rank: int) -> None:
+    """Write the policy as an HF folder at ``target`` (collective), replacing an older one atomically:
+    the new folder is written beside it and swapped in only when complete."""
+    import shutil
+
+    from megatron_ghpo.train.dist_utils import barrier
+
+    target = Path(target)
+    staging = target.with_name(target.name + ".tmp")
+    if rank == 0 and staging.exists():
+        shutil.rmtree(staging)
+    barrier()
+    policy.save_hf(staging, tokenizer_dir=tokenizer_dir)
+    barrier()
+    if rank == 0:
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()

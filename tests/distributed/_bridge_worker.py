@@ -173,6 +173,9 @@ def task_layouts(args: dict) -> None:
                 if m.get("memory"):
                     stats = measure_export(chunks, m["hf_dir"], args["memory_bucket_bytes"], transport)
                     record("export_memory", stats["peak_extra"] <= stats["bucket_bytes"] + stats["largest"], **tag, **stats)
+            if not (m.get("first") or m["name"] == "qwen2_tied_gqa"):
+                del chunks
+                continue
             # Direct HF import into the sharded model (what the policy does at start-up), then export.
             live = build_gpt_model(m["hf_dir"], params_dtype=stored_dtype(m) or torch.float32, transformer_impl="local")
             load_hf_weights(live, m["hf_dir"])

@@ -3,18 +3,24 @@
 Scores the 800 real responses of ``qwen25math_math_cot_100_graded.jsonl`` (gold = the MATH answer
 wrapped in ``\\boxed{}``, as the data loader builds it) with the accuracy reward's exact function:
 
-* ``serial``: ``score_accuracy`` called in this process's main thread, one response after another
-  (same per-problem gold cache as the workers; all caches cleared before each repeat);
+* ``serial``: ``score_accuracy`` called in a fresh process's main thread, one response after another,
+  after the same ``warm_up()`` the pool's helper runs (same per-problem gold cache as the workers);
 * ``serial_nocache``: the same without the gold cache (what the reference does per completion);
-* ``pool``: ``VerifierPool.map`` over all 800 (a fresh pool per repeat; start-up and a warm-up on
-  other golds not timed, like the serial mode's warm-up);
-* ``ideal``: the serial work split by problem over ``--workers`` independent processes started at
-  once (no pool, no IPC): the parallel ceiling of the machine under its current background load.
+* ``pool``: ``VerifierPool.map`` over all 800 (a fresh pool per repeat; start-up not timed);
+* ``ideal``: the serial work split by problem over ``--workers`` fresh processes started at once (no
+  pool, no IPC): the parallel ceiling of the machine under its current background load.
 
-Prints a table (best and median wall over ``--repeats`` interleaved runs, throughput, p50/p99 latency
-per response, timeouts). The last line is ``speedup_vs_serial=X`` = best serial wall / best pool wall:
-on a shared machine the best of several short interleaved runs is the least disturbed estimate (as
-``timeit`` does); the median-based ratio is printed on the line before it.
+Every mode starts from equally warm processes, as in a long training run: math-verify keeps lazily
+built state (e.g. the LaTeX parser's automaton) that makes a process faster once it has seen similar
+text. So each fresh process (or pool) first scores, untimed, the 100 reference solutions of the same
+file against golds spelled ``$answer$`` (other text, other cache keys), then the timed 800.
+
+Prints a table (best and median wall over ``--repeats`` interleaved runs, CPU seconds, throughput,
+p50/p99 latency per response, timeouts) and the machine's CPU pressure. The last line is
+``speedup_vs_serial=X`` = best serial wall / best pool wall: on a shared machine the best of several
+short interleaved runs is the least disturbed estimate (as ``timeit`` does); the median-based ratio
+is printed on the line before it. CPU seconds (pool: parent + workers) show the pool's overhead
+independently of background load.
 
 Usage: ``python tools/benchmarks/rewards.py [--workers N] [--repeats R] [--timeout S]``
 """
@@ -24,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +45,15 @@ from megatron_ghpo.rewards.functions import ACCURACY_TASK
 from megatron_ghpo.rewards.pool import VerifierPool
 
 DEFAULT_FILE = ROOT / "tests" / "fixtures" / "verifier" / "qwen25math_math_cot_100_graded.jsonl"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Run:
+    wall: float
+    cpu: float
+    latencies: list[float] = field(default_factory=list)
+    timeouts: int = 0
 
 
 def load_items(path: Path) -> list[tuple[str, str]]:
@@ -45,70 +62,83 @@ def load_items(path: Path) -> list[tuple[str, str]]:
     return [("\\boxed{" + r["answer"] + "}", resp) for r in rows for resp in r["response"]]
 
 
+def load_warmup(path: Path) -> list[tuple[str, str]]:
+    """Untimed warm-up work: each problem's reference solution against its ``$answer$`` gold.
+
+    Same distribution as the timed responses but other text, and golds spelled differently from the
+    timed ``\\boxed{answer}`` ones, so no content cache gives the timed run a head start.
+    """
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [("$" + r["answer"] + "$", r["gt_cot"]) for r in rows]
+
+
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def run_serial(items: list[tuple[str, str]], cached: bool) -> tuple[float, list[float], int]:
-    fn = math_tasks.score_accuracy if cached else math_tasks.score_accuracy_uncached
-    math_tasks.clear_caches()  # start as cold as a fresh pool worker
-    lat = []
-    t0 = time.perf_counter()
-    for gold, text in items:
-        s = time.perf_counter()
-        fn(gold, text)
-        lat.append(time.perf_counter() - s)
-    return time.perf_counter() - t0, lat, 0
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
-def run_pool(items: list[tuple[str, str]], workers: int, timeout: float) -> tuple[float, list[float], int]:
-    warm = [(f"${i}$", f"so $x = \\boxed{{\\frac{{{i}}}{{{i + 1}}}}}$") for i in range(8 * workers)]
+def _self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_pool(items: list[tuple[str, str]], warm: list[tuple[str, str]], workers: int, timeout: float) -> Run:
     with VerifierPool(workers, timeout_s=timeout) as pool:
-        pool.map(ACCURACY_TASK, warm)  # fault in the forked workers' pages; other golds, so no cache help
+        pool.map(ACCURACY_TASK, warm)
+        pids = pool.worker_pids()[1:]
+        c0 = _self_cpu() + sum(_proc_cpu(p) for p in pids)
         t0 = time.perf_counter()
         res = pool.map(ACCURACY_TASK, items, affinity=[gold for gold, _ in items])
         wall = time.perf_counter() - t0
-    return wall, [r.elapsed_s for r in res], sum(r.status == "timeout" for r in res)
+        cpu = _self_cpu() + sum(_proc_cpu(p) for p in pids) - c0
+    return Run(wall, cpu, [r.elapsed_s for r in res], sum(r.status == "timeout" for r in res))
 
 
-def _shard_main(path: Path, shard: int, shards: int) -> int:
-    """Child of the ``ideal`` mode: warm up, wait for "go" on stdin, score one shard, print its wall."""
+def _shard_main(path: Path, shard: int, shards: int, cached: bool) -> int:
+    """Child process: warm up, wait for "go" on stdin, score one shard, print wall, CPU and latencies."""
     items = load_items(path)
     mine = [it for i, it in enumerate(items) if (i // 8) % shards == shard]  # whole problems per shard
+    fn = math_tasks.score_accuracy if cached else math_tasks.score_accuracy_uncached
     math_tasks.warm_up()
+    for gold, text in load_warmup(path):
+        fn(gold, text)
     print("ready", flush=True)
     sys.stdin.readline()
-    t0 = time.perf_counter()
+    lat = []
+    c0, t0 = time.process_time(), time.perf_counter()
     for gold, text in mine:
-        math_tasks.score_accuracy(gold, text)
-    print(f"{time.perf_counter() - t0}", flush=True)
+        s = time.perf_counter()
+        fn(gold, text)
+        lat.append(time.perf_counter() - s)
+    print(json.dumps([time.perf_counter() - t0, time.process_time() - c0, lat]), flush=True)
     return 0
 
 
-def run_ideal(path: Path, shards: int) -> tuple[float, list[float], int]:
-    """``shards`` independent processes score disjoint problem shards at once: what the machine allows now."""
+def run_processes(path: Path, shards: int, *, cached: bool = True) -> Run:
+    """``shards`` fresh processes score disjoint problem shards at once (1 shard = the serial baseline)."""
+    cmd = [sys.executable, __file__, "--file", str(path)] + ([] if cached else ["--nocache"])
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--file", str(path), "--shard", f"{k}/{shards}"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            cmd + ["--shard", f"{k}/{shards}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         for k in range(shards)
-    ]  # fmt: skip
+    ]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
-    t0 = time.perf_counter()
     for p in procs:
         p.stdin.write("go\n")
         p.stdin.flush()
-    walls = [float(p.stdout.readline()) for p in procs]
-    wall = time.perf_counter() - t0
+    out = [json.loads(p.stdout.readline()) for p in procs]
     for p in procs:
         p.wait(timeout=60)
-    return min(wall, max(walls) + 0.01), [], 0
-
-
-def results_median(results: dict[str, list[tuple[float, list[float], int]]], mode: str) -> float:
-    walls = sorted(r[0] for r in results[mode])
-    return walls[len(walls) // 2]
+    return Run(max(o[0] for o in out), sum(o[1] for o in out), [x for o in out for x in o[2]])
 
 
 def main() -> int:
@@ -118,52 +148,50 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--shard", help=argparse.SUPPRESS)
+    ap.add_argument("--nocache", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.shard:
         k, n = map(int, args.shard.split("/"))
-        return _shard_main(args.file, k, n)
-    items = load_items(args.file)
+        return _shard_main(args.file, k, n, cached=not args.nocache)
+    items, warm = load_items(args.file), load_warmup(args.file)
     load_before = os.getloadavg()[0]
-    math_tasks.warm_up()  # import math-verify and its grammar before timing, as the pool's helper does
 
-    results: dict[str, list[tuple[float, list[float], int]]] = {
-        "serial": [],
-        "serial_nocache": [],
-        "pool": [],
-        "ideal": [],
-    }
+    runs: dict[str, list[Run]] = {"serial": [], "serial_nocache": [], "pool": [], "ideal": []}
     for _ in range(args.repeats):  # interleaved so that background load affects every mode alike
-        results["serial"].append(run_serial(items, cached=True))
-        results["serial_nocache"].append(run_serial(items, cached=False))
-        results["pool"].append(run_pool(items, args.workers, args.timeout))
-        results["ideal"].append(run_ideal(args.file, args.workers))
+        runs["serial"].append(run_processes(args.file, 1))
+        runs["serial_nocache"].append(run_processes(args.file, 1, cached=False))
+        runs["pool"].append(run_pool(items, warm, args.workers, args.timeout))
+        runs["ideal"].append(run_processes(args.file, args.workers))
 
+    pressure = (
+        Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        if Path("/proc/pressure/cpu").exists()
+        else "n/a"
+    )
     print(
         f"{len(items)} responses, {args.workers} pool workers, {os.cpu_count()} CPUs, {args.repeats} interleaved "
-        f"repeats; 1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
+        f"repeats; 1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; CPU pressure: {pressure}"
     )
     print(
-        f"{'mode':<16} {'best s':>8} {'median s':>9} {'resp/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'timeouts':>9}"
+        f"{'mode':<16} {'best s':>7} {'median s':>9} {'cpu s':>6} {'resp/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'timeouts':>8}"
     )
-    best = {}
-    for mode, runs in results.items():
-        runs = sorted(runs, key=lambda r: r[0])
-        wall, lat, timeouts = runs[0]
-        best[mode] = wall
-        median = runs[len(runs) // 2][0]
-        p50 = f"{percentile(lat, 0.5) * 1e3:>8.2f}" if lat else f"{'-':>8}"
-        p99 = f"{percentile(lat, 0.99) * 1e3:>8.2f}" if lat else f"{'-':>8}"
-        print(f"{mode:<16} {wall:>8.3f} {median:>9.3f} {len(items) / wall:>8.1f} {p50} {p99} {timeouts:>9}")
+    best, median = {}, {}
+    for mode, rs in runs.items():
+        rs = sorted(rs, key=lambda r: r.wall)
+        b, median[mode] = rs[0], rs[len(rs) // 2].wall
+        best[mode] = b.wall
+        p50 = f"{percentile(b.latencies, 0.5) * 1e3:>7.2f}" if b.latencies else f"{'-':>7}"
+        p99 = f"{percentile(b.latencies, 0.99) * 1e3:>7.2f}" if b.latencies else f"{'-':>7}"
+        print(
+            f"{mode:<16} {b.wall:>7.3f} {median[mode]:>9.3f} {b.cpu:>6.2f} {len(items) / b.wall:>7.0f} {p50} {p99} "
+            f"{b.timeouts:>8}"
+        )
     print(
-        "resp/s and latencies are from each mode's best run; pool latency = dispatch to result (parent clock);"
+        "best run per mode shown (cpu s, resp/s, latencies from it); pool cpu = parent + workers; pool latency ="
     )
-    print(
-        f"ideal = the serial work split over {args.workers} independent processes started together, i.e. the"
-    )
-    print("parallel ceiling of this machine under its current background load")
-    print(
-        f"speedup_vs_serial_median={results_median(results, 'serial') / results_median(results, 'pool'):.2f}"
-    )
+    print(f"dispatch to result; ideal = the serial work split over {args.workers} fresh processes started")
+    print("together, i.e. the parallel ceiling of this machine under its current background load")
+    print(f"speedup_vs_serial_median={median['serial'] / median['pool']:.2f}")
     print(f"speedup_vs_serial={best['serial'] / best['pool']:.2f}")
     return 0
 

@@ -117,8 +117,9 @@ def print_table(summary: dict) -> None:
     from rich.table import Table
 
     s = summary["settings"]
-    t = Table(title=f"GHPO vs GRPO on the synthetic task ({s['seeds']} seed(s), {s['rl_steps']} RL steps, "
-                    f"{s['heldout']} held-out hard problems)")
+    Console().print(f"GHPO vs GRPO on the synthetic task: {s['seeds']} seed(s), {s['rl_steps']} RL steps from one "
+                    f"{s['sft_steps']}-step SFT warm-up, {s['heldout']} held-out hard problems (near-greedy, no hints)")
+    t = Table()
     t.add_column("")
     for m in METHODS:
         t.add_column(m.upper(), justify="right")

@@ -131,6 +131,12 @@ def engine_from_config(cfg: Config, model_dir: str, *, groups: TrainerGroups):
     # +1: scoring a full prompt + completion (check_weight_sync) asks the engine for one more position
     common = dict(dtype=engine_dtype(cfg), max_model_len=cfg.data.max_prompt_length + r.max_completion_length + 1,
                   seed=cfg.training.seed)
+    if hf_side_dir(model_dir) != str(model_dir):
+        raise ValueError(
+            f"model_name_or_path {model_dir!r} is a Megatron checkpoint; the colocated rollout engine starts from "
+            f"a Hugging Face folder: run `megatron-ghpo convert megatron-to-hf --ckpt {model_dir} --out DIR` and "
+            "point model_name_or_path at DIR"
+        )
     if not r.use_vllm:
         return build_rollout_engine("hf", model_dir, **common)
     return build_rollout_engine(

@@ -141,6 +141,11 @@ def test_factory_errors(monkeypatch, tmp_path):
 
 
 def test_colocation_rules(monkeypatch):
+    import torch.distributed
+
+    # the rules read the launcher's environment; a process group left by an earlier in-process test
+    # (world size 1) must not stand in for it
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     _check_colocation("none", 1)

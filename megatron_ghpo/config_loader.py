@@ -77,7 +77,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(errors[-1] if errors else f"{key}={value!r}: wrong type")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value in choices:
+        if value is False and "no" in choices:  # YAML 1.1 reads an unquoted `no` as false
+            return "no"
+        if value in choices and not isinstance(value, bool):
             return value
         raise ConfigError(f"{key}={value!r}: must be one of {list(choices)}")
     if origin is list:

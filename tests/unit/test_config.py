@@ -157,3 +157,8 @@ def test_cross_section_rules():
 def test_leaf_names_unique_and_ignored_keys_disjoint():
     assert not set(IGNORED_KEYS) & set(FIELDS)
     assert len(FIELDS) == sum(len(f.default_factory().__dataclass_fields__) for f in Config.__dataclass_fields__.values())
+
+
+def test_unquoted_yaml_no_means_the_string_no(tmp_path):
+    cfg = load_config(write(tmp_path, {"save_strategy": False}), ["eval_strategy=no"])
+    assert cfg.checkpoint.save_strategy == "no" and cfg.eval.eval_strategy == "no"

@@ -9,112 +9,40 @@ deadline gets a ``timeout`` result at once; its worker is SIGKILLed through the 
 from __future__ import annotations
 
 import math
-import os
 import selectors
 import socket
 import threading
 import time
-import zlib
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from megatron_ghpo.logging_utils import get_logger
 from megatron_ghpo.rewards._helper import HelperError, HelperProcess
+from megatron_ghpo.rewards._queue import Task, TaskQueue
 from megatron_ghpo.rewards._wire import FrameReader, encode
 from megatron_ghpo.rewards.pool_types import PoolClosedError, TaskResult, VerifierPoolError
 
 logger = get_logger(__name__)
 
-PIPELINE_DEPTH = 2
-"""Tasks in flight per worker: the next task is already in the worker's socket when it finishes one,
-so it never idles for a dispatcher round trip. Only the head task runs; its deadline starts when it
-starts (when the previous result arrives), so each task still gets exactly ``timeout_s``."""
+MAX_BATCH = 8
+"""Tasks sent to a worker in one frame, at most. A worker runs its tasks one after another and reports
+each result at once; only the head task runs, and its deadline starts when it starts (when the
+previous result arrives), so each task still gets exactly ``timeout_s``. Idle workers are served
+first and batches are sized ``ceil(queued / open workers)``, so a single small group still spreads
+over all workers."""
+
+LOW_WATER = 3
+"""A worker gets its next batch while it still has this many tasks to run, so it never idles waiting
+for the dispatcher (which handles results in coalesced rounds, see COALESCE_S)."""
+
+COALESCE_S = 0.0005
+"""While tasks are in flight, the dispatcher pauses this long after each round of events so several
+results are handled per wake-up (a wake-up per result cost the parent ~50 us of CPU each, which on 2
+cores is taken from the workers). Workers hold their next tasks already, so they never wait for it."""
 
 MAX_HELPER_RESTARTS = 3
+_CTRL = object()  # selector tag of the helper's control socket
 """Helper restarts tolerated before the pool gives up (pending work then fails with VerifierPoolError)."""
-
-
-@dataclass(eq=False)
-class Task:
-    task_id: int
-    ref: str
-    args: tuple
-    future: Future = field(default_factory=Future)
-    slot: int | None = None
-    dispatched_at: float = 0.0
-
-
-class TaskQueue:
-    """Pending tasks: one shared queue plus one preferred queue per worker slot (affinity)."""
-
-    def __init__(self, slots: int) -> None:
-        self.lock = threading.Lock()
-        self.closing = False
-        self._shared: deque[Task] = deque()
-        self._by_slot: list[deque[Task]] = [deque() for _ in range(slots)]
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-
-    def put(self, tasks: list[Task], affinities: list[str | None]) -> None:
-        """Queue tasks (one lock acquisition and one wake-up for the whole batch)."""
-        for task, key in zip(tasks, affinities):
-            if key is not None:
-                task.slot = zlib.crc32(key.encode("utf-8", "replace")) % len(self._by_slot)
-        with self.lock:
-            if self.closing:
-                raise PoolClosedError("the verifier pool is closed; create a new one")
-            for task in tasks:
-                (self._shared if task.slot is None else self._by_slot[task.slot]).append(task)
-        self.wake()
-
-    def take(self, slot: int) -> Task | None:
-        """Own queue first, then shared work, then steal from the longest other queue."""
-        with self.lock:
-            if self._by_slot[slot]:
-                return self._by_slot[slot].popleft()
-            if self._shared:
-                return self._shared.popleft()
-            longest = max(self._by_slot, key=len)
-            return longest.popleft() if longest else None
-
-    def requeue(self, tasks: list[Task]) -> None:
-        """Put tasks that never started back at the front of their queues (order kept)."""
-        with self.lock:
-            for task in reversed(tasks):
-                (self._shared if task.slot is None else self._by_slot[task.slot]).appendleft(task)
-        self.wake()
-
-    def drain(self) -> list[Task]:
-        """Mark closed and return every pending task."""
-        with self.lock:
-            self.closing = True
-            tasks = list(self._shared) + [t for q in self._by_slot for t in q]
-            self._shared.clear()
-            for q in self._by_slot:
-                q.clear()
-        return tasks
-
-    def wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"\0")
-        except OSError:
-            pass  # pipe full (a wake-up is already pending) or closed
-
-    def clear_wake(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except OSError:
-            pass
-
-    def close_fds(self) -> None:
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 @dataclass(eq=False)
@@ -129,17 +57,19 @@ class _Worker:
     out: bytearray = field(default_factory=bytearray)
     reader: FrameReader = field(default_factory=FrameReader)
     retired: bool = False
+    writing: bool = False
+    """Registered for EVENT_WRITE (unsent task bytes are waiting)."""
 
 
 class Dispatcher:
     """Runs in the pool's thread (:meth:`run`); all process management happens in that thread."""
 
-    def __init__(self, queue: TaskQueue, *, num_workers: int, timeout_s: float, memory_limit_mb: int,
-                 worker_nice: int, preload: tuple[str, ...], start_timeout_s: float) -> None:  # fmt: skip
+    def __init__(self, queue: TaskQueue, *, num_workers: int, timeout_s: float, start_timeout_s: float,
+                 **helper_args: object) -> None:  # fmt: skip
         self.queue = queue
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
-        self._helper_args = {"memory_limit_mb": memory_limit_mb, "nice": worker_nice, "preload": preload}
+        self._helper_args = helper_args  # memory_limit_mb, nice, preload, warm_up (see HelperProcess)
         self.helper: HelperProcess | None = None
         self.slots: list[_Worker | None] = [None] * num_workers
         self._respawn_at = [0.0] * num_workers
@@ -148,6 +78,7 @@ class Dispatcher:
         self._sel = selectors.DefaultSelector()
         self._rbuf = bytearray(1 << 18)  # one receive buffer, reused (no allocation per read)
         self._rview = memoryview(self._rbuf)
+        self._earliest = math.inf
         self.started = threading.Event()
         self.fatal: BaseException | None = None
 
@@ -155,7 +86,7 @@ class Dispatcher:
     def run(self) -> None:
         try:
             self._sel.register(self.queue.wake_r, selectors.EVENT_READ, None)
-            self.helper = HelperProcess(start_timeout_s=self.start_timeout_s, **self._helper_args)
+            self._start_helper()
             for slot in range(len(self.slots)):
                 self._spawn(slot)
             deadline = time.monotonic() + self.start_timeout_s
@@ -172,10 +103,17 @@ class Dispatcher:
         try:
             while not self.queue.closing:
                 now = time.monotonic()
-                self._respawn_due(now)
+                if None in self.slots:
+                    self._respawn_due(now)
                 self._assign(now)
-                self._poll(self._next_timeout(now))
-                self._expire(time.monotonic())
+                self._watch_helper()
+                timeout = self._next_timeout(now)
+                self._poll(timeout)
+                if timeout is not None and self._earliest - time.monotonic() > COALESCE_S:
+                    time.sleep(COALESCE_S)
+                now = time.monotonic()
+                if now >= self._earliest:
+                    self._expire(now)
         except BaseException as exc:
             self.fatal = exc
             logger.exception("verifier pool dispatcher failed")
@@ -207,21 +145,26 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ event loop
     def _next_timeout(self, now: float) -> float | None:
-        times = []
+        """Seconds until the earliest deadline, start timeout or respawn (None: nothing pending)."""
+        earliest = math.inf
         for slot, w in enumerate(self.slots):
             if w is None:
-                times.append(self._respawn_at[slot])
+                earliest = min(earliest, self._respawn_at[slot])
             elif w.tasks:
-                times.append(w.deadline)
+                earliest = min(earliest, w.deadline)
             elif not w.ready:
-                times.append(w.spawned_at + self.start_timeout_s)
-        return max(0.0, min(times) - now) if times else None
+                earliest = min(earliest, w.spawned_at + self.start_timeout_s)
+        self._earliest = earliest
+        return None if earliest == math.inf else max(0.0, earliest - now)
 
     def _poll(self, timeout: float | None) -> None:
         for key, mask in self._sel.select(timeout):
             w = key.data
             if w is None:
                 self.queue.clear_wake()
+                continue
+            if w is _CTRL:
+                self._on_helper_event(mask)
                 continue
             if w.retired:
                 continue
@@ -231,23 +174,53 @@ class Dispatcher:
                 self._read(w)
 
     def _assign(self, now: float) -> None:
-        for slot, w in enumerate(self.slots):
-            while w is not None and w.ready and not w.retired and len(w.tasks) < PIPELINE_DEPTH:
+        queued = self.queue.pending()
+        if not queued:
+            return
+        # a worker whose running task is already slow may be stuck: queue nothing more behind it
+        slow = min(0.05, self.timeout_s / 10)
+        open_slots = [
+            slot
+            for slot, w in enumerate(self.slots)
+            if w is not None and w.ready and not w.retired and len(w.tasks) <= LOW_WATER
+            and (not w.tasks or now - w.tasks[0].dispatched_at < slow)
+        ]  # fmt: skip
+        open_slots.sort(key=lambda slot: len(self.slots[slot].tasks))  # idle workers first
+        for i, slot in enumerate(open_slots):
+            w = self.slots[slot]
+            size = min(MAX_BATCH, -(-queued // (len(open_slots) - i)))
+            batch: list[Task] = []
+            while len(batch) < size:
                 task = self.queue.take(slot)
                 if task is None:
                     break
-                try:
-                    frame = encode((task.task_id, task.ref, task.args))
-                except Exception as exc:  # noqa: BLE001 - unpicklable arguments: the task fails, the worker is fine
-                    task.future.set_result(
-                        TaskResult("error", message=f"cannot send task arguments: {exc!r}")
-                    )
-                    continue
-                w.tasks.append(task)
-                if len(w.tasks) == 1:
-                    task.dispatched_at, w.deadline = now, now + self.timeout_s
+                batch.append(task)
+            try:
+                frame = encode([(t.task_id, t.ref, t.args) for t in batch])
+            except Exception:  # noqa: BLE001 - unpicklable arguments: find the bad tasks, send the rest
+                batch = self._drop_unpicklable(batch)
+                frame = encode([(t.task_id, t.ref, t.args) for t in batch])
+            if batch:
+                if not w.tasks:
+                    batch[0].dispatched_at, w.deadline = now, now + self.timeout_s
+                w.tasks.extend(batch)
                 w.out += frame
                 self._flush(w)
+            queued = self.queue.pending()
+            if not queued:
+                return
+
+    @staticmethod
+    def _drop_unpicklable(batch: list[Task]) -> list[Task]:
+        keep = []
+        for t in batch:
+            try:
+                encode((t.task_id, t.ref, t.args))
+            except Exception as exc:  # noqa: BLE001 - the task fails, the worker is fine
+                t.future.set_result(TaskResult("error", message=f"cannot send task arguments: {exc!r}"))
+            else:
+                keep.append(t)
+        return keep
 
     def _flush(self, w: _Worker) -> None:
         try:
@@ -258,9 +231,9 @@ class Dispatcher:
             self._died(w, f"connection lost while sending: {exc!r}")
             return
         del w.out[:sent]
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.out else 0)
-        if self._sel.get_key(w.sock).events != events:
-            self._sel.modify(w.sock, events, w)
+        if bool(w.out) != w.writing:
+            w.writing = bool(w.out)
+            self._sel.modify(w.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if w.writing else 0), w)
 
     def _read(self, w: _Worker) -> None:
         try:
@@ -282,18 +255,18 @@ class Dispatcher:
                 w.pid, w.ready = frame[1], True
                 self._failed_starts[self.slots.index(w)] = 0
                 continue
-            task_id, status, value, _ = frame
+            task_id, status, value, _, finished_at = frame
             if not w.tasks or task_id != w.tasks[0].task_id:
                 self._died(w, "protocol error: reply for a task it was not given")
                 return
             task = w.tasks.popleft()
-            now = time.monotonic()
-            elapsed = now - task.dispatched_at
+            elapsed = time.monotonic() - task.dispatched_at
             result = TaskResult("ok", value=value, elapsed_s=elapsed) if status == "ok" else TaskResult(
                 "error", elapsed_s=elapsed, message=str(value))  # fmt: skip
             w.deadline = math.inf
-            if w.tasks:  # the next one starts now
-                w.tasks[0].dispatched_at, w.deadline = now, now + self.timeout_s
+            if w.tasks:  # the next one started when this one finished (CLOCK_MONOTONIC is system-wide)
+                start = min(finished_at, time.monotonic())
+                w.tasks[0].dispatched_at, w.deadline = start, start + self.timeout_s
             task.future.set_result(result)
 
     def _expire(self, now: float) -> None:
@@ -362,7 +335,43 @@ class Dispatcher:
             pass
         w.sock.close()
         if kill and w.pid is not None and self.helper is not None:
-            self.helper.kill(w.pid)
+            try:
+                self.helper.kill(w.pid)
+            except HelperError:
+                pass  # the helper is gone, its workers with it; noticed on its control socket
+
+    def _start_helper(self) -> None:
+        if self.helper is not None:
+            try:
+                self._sel.unregister(self.helper.ctrl)
+            except (KeyError, ValueError):
+                pass
+            self.helper.stop()
+            self.helper = None
+        self.helper = HelperProcess(start_timeout_s=self.start_timeout_s, **self._helper_args)
+        self._sel.register(self.helper.ctrl, selectors.EVENT_READ, _CTRL)
+        self._ctrl_writing = False
+
+    def _watch_helper(self) -> None:
+        """Watch the control socket for writability only while commands are queued."""
+        if self.helper is None or self.helper.wants_write == self._ctrl_writing:
+            return
+        self._ctrl_writing = self.helper.wants_write
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._ctrl_writing else 0)
+        self._sel.modify(self.helper.ctrl, events, _CTRL)
+
+    def _on_helper_event(self, mask: int) -> None:
+        assert self.helper is not None
+        try:
+            # the helper never writes after its start: readable means it exited
+            if mask & selectors.EVENT_READ and not self.helper.ctrl.recv(64):
+                raise HelperError(f"verifier helper exited (code {self.helper.proc.poll()})")
+            if mask & selectors.EVENT_WRITE:
+                self.helper.flush()
+        except BlockingIOError:
+            return
+        except (HelperError, OSError) as exc:
+            self._restart_helper(str(exc))
 
     def _restart_helper(self, reason: str) -> None:
         self._restarts += 1
@@ -378,8 +387,6 @@ class Dispatcher:
                 self._retire(w, kill=False)
             self.slots[slot] = None
             self._failed_starts[slot] = 0
-        if self.helper is not None:
-            self.helper.stop()
-        self.helper = HelperProcess(start_timeout_s=self.start_timeout_s, **self._helper_args)
+        self._start_helper()
         for slot in range(len(self.slots)):
             self._spawn(slot)

@@ -7,6 +7,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Sequence
 
 
@@ -17,13 +18,22 @@ class HelperError(RuntimeError):
 class HelperProcess:
     """A warm process that forks verifier workers on request; all calls come from one thread.
 
-    ``spawn()`` never waits for the helper: it returns the parent's end of a fresh socketpair at
-    once; the worker announces itself on it with ``("ready", pid)`` when it has started. ``kill()``
-    does not wait either.
+    Nothing here ever blocks the caller: commands go into a queue that :meth:`flush` writes as far
+    as the control socket accepts (a Unix datagram/seqpacket socket holds only
+    ``net.unix.max_dgram_qlen`` unread messages, 10 by default, and a busy helper may lag); the caller
+    calls ``flush()`` again when :attr:`ctrl` is writable while :attr:`wants_write`. ``spawn()`` returns
+    the parent's end of a fresh socketpair at once; the worker announces itself on it with
+    ``("ready", pid)`` when it has started.
     """
 
     def __init__(
-        self, *, memory_limit_mb: int, nice: int, preload: Sequence[str], start_timeout_s: float
+        self,
+        *,
+        memory_limit_mb: int,
+        nice: int,
+        preload: Sequence[str],
+        warm_up: bool,
+        start_timeout_s: float,
     ) -> None:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,7 +42,7 @@ class HelperProcess:
         env.setdefault("OMP_NUM_THREADS", "1")
         cmd = [
             sys.executable, "-m", "megatron_ghpo.rewards._zygote",
-            str(child_sock.fileno()), str(os.getpid()), str(memory_limit_mb), str(nice), ",".join(preload),
+            str(child_sock.fileno()), str(os.getpid()), str(memory_limit_mb), str(nice), ",".join(preload), "1" if warm_up else "0",
         ]  # fmt: skip
         try:
             self.proc = subprocess.Popen(
@@ -51,7 +61,8 @@ class HelperProcess:
             detail = reply[1:].decode(errors="replace") if reply else f"exited with code {self.proc.poll()}"
             self.stop()
             raise HelperError(f"verifier helper failed to start ({detail}); preload={list(preload)}")
-        self.ctrl.settimeout(30.0)
+        self.ctrl.setblocking(False)
+        self._outbox: deque[tuple[bytes, socket.socket | None]] = deque()
 
     @property
     def pid(self) -> int:
@@ -60,27 +71,45 @@ class HelperProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    @property
+    def wants_write(self) -> bool:
+        """Commands are waiting for room in the control socket."""
+        return bool(self._outbox)
+
     def spawn(self) -> socket.socket:
         """Ask for one more worker; returns the parent's end of its connection."""
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            socket.send_fds(self.ctrl, [b"S"], [child_sock.fileno()])
-        except OSError as exc:
-            parent_sock.close()
-            raise HelperError(f"verifier helper is gone (exit code {self.proc.poll()}): {exc!r}") from exc
-        finally:
-            child_sock.close()
+        self._outbox.append((b"S", child_sock))  # the worker's end stays open here until sent
+        self.flush()
         return parent_sock
 
     def kill(self, pid: int) -> None:
-        """SIGKILL one of the helper's workers (asynchronous; a no-op if it already exited)."""
-        try:
-            self.ctrl.send(b"K" + struct.pack("<q", pid))
-        except OSError:
-            pass  # helper gone: its workers die with it (PR_SET_PDEATHSIG)
+        """SIGKILL one of the helper's workers (a no-op if it already exited)."""
+        self._outbox.append((b"K" + struct.pack("<q", pid), None))
+        self.flush()
+
+    def flush(self) -> None:
+        """Send queued commands until the socket is full; HelperError if the helper is gone."""
+        while self._outbox:
+            msg, child = self._outbox[0]
+            try:
+                if child is not None:
+                    socket.send_fds(self.ctrl, [msg], [child.fileno()])
+                else:
+                    self.ctrl.send(msg)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise HelperError(f"verifier helper is gone (exit code {self.proc.poll()}): {exc!r}") from exc
+            self._outbox.popleft()
+            if child is not None:
+                child.close()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Close the control socket (the helper kills and reaps every worker, then exits) and reap it."""
+        for _, child in self._outbox if hasattr(self, "_outbox") else ():
+            if child is not None:
+                child.close()
         try:
             self.ctrl.close()
         except OSError:

@@ -1,8 +1,8 @@
 """Length-prefixed pickle frames between the verifier pool and its workers.
 
 A frame is an 8-byte little-endian payload length followed by the pickled payload. The parent
-reads and writes non-blocking (:class:`FrameReader` accumulates partial reads); workers use the
-blocking helpers.
+reads and writes non-blocking (:class:`FrameReader` accumulates partial reads); workers use
+:class:`BlockingFrameSocket`.
 """
 
 from __future__ import annotations
@@ -39,18 +39,24 @@ class FrameReader:
         return out
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 20))
-        if not chunk:
-            raise EOFError("peer closed the connection")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
+class BlockingFrameSocket:
+    """Worker side: blocking reads of whole frames with few ``recv`` calls, and frame writes."""
 
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._reader = FrameReader()
+        self._ready: list[Any] = []
+        self._buf = bytearray(1 << 16)
+        self._view = memoryview(self._buf)
 
-def recv_frame(sock: socket.socket) -> Any:
-    """Blocking read of one frame (raises EOFError when the peer has closed)."""
-    (n,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
-    return pickle.loads(_recv_exact(sock, n))
+    def recv(self) -> Any:
+        """The next frame's object (raises EOFError when the peer has closed)."""
+        while not self._ready:
+            n = self.sock.recv_into(self._buf)
+            if not n:
+                raise EOFError("peer closed the connection")
+            self._ready = self._reader.feed(self._view[:n])
+        return self._ready.pop(0)
+
+    def send(self, obj: Any) -> None:
+        self.sock.sendall(encode(obj))

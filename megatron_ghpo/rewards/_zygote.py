@@ -1,7 +1,9 @@
 """The verifier pool's helper process ("zygote") and its worker loop.
 
 Run as ``python -m megatron_ghpo.rewards._zygote <ctrl_fd> <parent_pid> <memory_limit_mb> <nice>
-<preload,...>`` by :class:`megatron_ghpo.rewards._helper.HelperProcess`; never imported otherwise.
+<preload,...> <warm_up 0|1>`` by :class:`megatron_ghpo.rewards._helper.HelperProcess`; never imported
+otherwise. Each preload module may define ``warm_up(full: bool)`` (or ``warm_up()``, called only for a
+full warm-up), run once before any fork.
 
 Why a zygote: a scoring worker that exceeds its wall-clock budget is killed with SIGKILL and must be
 replaced quickly. Starting a fresh interpreter and importing sympy/math-verify costs ~0.4 s; forking
@@ -19,9 +21,10 @@ Control protocol (AF_UNIX SOCK_SEQPACKET, one message per command, no replies ex
 * EOF -> SIGKILL every live worker, reap them, exit.
 
 Worker protocol (frames of :mod:`megatron_ghpo.rewards._wire` over the socketpair): the worker first
-sends ``("ready", pid)``; then for each ``(task_id, "module:function", args)`` it replies
-``(task_id, status, value, elapsed_s)`` with status ``"ok"`` or ``"error"`` (value = the error text).
-EOF -> exit.
+sends ``("ready", pid)``; then it receives batches ``[(task_id, "module:function", args), ...]``, runs
+them in order and replies after each with ``(task_id, status, value, elapsed_s, finished_at)``, status
+``"ok"`` or ``"error"`` (value = the error text), ``finished_at`` = ``time.monotonic()`` (system-wide
+on Linux, so the parent knows exactly when the next task started). EOF -> exit.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import importlib
+import inspect
 import logging
 import os
 import signal
@@ -39,7 +43,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from megatron_ghpo.rewards._wire import encode, recv_frame
+from megatron_ghpo.rewards._wire import BlockingFrameSocket, encode
 
 _PR_SET_PDEATHSIG = 1
 _QUIET_LOGGERS = ("latex2sympy2_extended", "math_verify")
@@ -83,32 +87,40 @@ def _limit_resources(memory_limit_mb: int, nice: int) -> None:
 def _worker_loop(sock: socket.socket, memory_limit_mb: int, nice: int) -> None:
     _limit_resources(memory_limit_mb, nice)
     cache: dict[str, Callable[..., Any]] = {}
+    conn = BlockingFrameSocket(sock)
     try:
-        sock.sendall(encode(("ready", os.getpid())))
+        conn.send(("ready", os.getpid()))
     except OSError:
         return
     while True:
         try:
-            task_id, ref, args = recv_frame(sock)
+            batch = conn.recv()
         except (EOFError, OSError):
             return
-        t0 = time.perf_counter()
-        try:
-            value = resolve(ref, cache)(*args)
-            status = "ok"
-        except BaseException as exc:  # noqa: BLE001 - untrusted input: report every failure, never die
-            value, status = f"{type(exc).__name__}: {exc}"[:2000], "error"
-        elapsed = time.perf_counter() - t0
-        try:
-            frame = encode((task_id, status, value, elapsed))
-        except Exception as exc:  # noqa: BLE001 - an unpicklable result is the task's failure
-            frame = encode(
-                (task_id, "error", f"unpicklable result: {type(exc).__name__}: {exc}"[:2000], elapsed)
-            )
-        try:
-            sock.sendall(frame)
-        except OSError:
-            return
+        for task_id, ref, args in batch:
+            t0 = time.perf_counter()
+            try:
+                value = resolve(ref, cache)(*args)
+                status = "ok"
+            except BaseException as exc:  # noqa: BLE001 - untrusted input: report every failure, never die
+                value, status = f"{type(exc).__name__}: {exc}"[:2000], "error"
+            elapsed = time.perf_counter() - t0
+            try:
+                frame = encode((task_id, status, value, elapsed, time.monotonic()))
+            except Exception as exc:  # noqa: BLE001 - an unpicklable result is the task's failure
+                frame = encode(
+                    (
+                        task_id,
+                        "error",
+                        f"unpicklable result: {type(exc).__name__}: {exc}"[:2000],
+                        elapsed,
+                        time.monotonic(),
+                    )
+                )
+            try:
+                sock.sendall(frame)  # at once: the parent times the next task from this result
+            except OSError:
+                return
 
 
 def _reap(live: set[int]) -> None:
@@ -187,6 +199,7 @@ def _serve(ctrl: socket.socket, memory_limit_mb: int, nice: int) -> None:
 def main(argv: list[str]) -> int:
     ctrl_fd, parent_pid, memory_limit_mb, nice = (int(a) for a in argv[:4])
     preload = [m for m in (argv[4] if len(argv) > 4 else "").split(",") if m]
+    run_warm_up = argv[5] != "0" if len(argv) > 5 else True
     _die_with_parent()
     ctrl = socket.socket(fileno=ctrl_fd)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
@@ -198,7 +211,11 @@ def main(argv: list[str]) -> int:
         for module in preload:
             mod = importlib.import_module(module)
             warm = getattr(mod, "warm_up", None)
-            if callable(warm):
+            if not callable(warm):
+                continue
+            if "full" in inspect.signature(warm).parameters:
+                warm(full=run_warm_up)
+            elif run_warm_up:
                 warm()
     except BaseException as exc:  # noqa: BLE001 - report the failure to the parent instead of dying silently
         ctrl.send(b"E" + f"{type(exc).__name__}: {exc}".encode()[:4000])

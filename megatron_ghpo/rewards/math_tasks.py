@@ -180,14 +180,15 @@ _WARM_ANSWERS = (
 lazily imported sympy modules, compiled patterns), which forked workers then share copy-on-write."""
 
 
-def warm_up() -> None:
-    """Import math-verify and score a spread of typical answers so forked workers start warm.
+def warm_up(full: bool = True) -> None:
+    """Import math-verify and (``full``) score a spread of typical answers so forked workers start warm.
 
     A cold process spent ~1.7x the CPU of a warm one on the 800 graded responses (0.58 s vs 0.33 s;
     0.35 s after this warm-up). Caches keyed by content are emptied afterwards, so the warm-up gives
     no answer-specific head start. Costs ~1.1 s of CPU once per pool (in the helper process).
     """
-    for i, ans in enumerate(_WARM_ANSWERS):
+    score_accuracy("$\\frac{1}{2}$", "The answer is $\\boxed{0.5}$.")
+    for i, ans in enumerate(_WARM_ANSWERS if full else ()):
         wrong = _WARM_ANSWERS[(i + 1) % len(_WARM_ANSWERS)]
         score_accuracy(
             "\\boxed{" + ans + "}",

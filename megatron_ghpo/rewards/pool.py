@@ -9,8 +9,10 @@ and :mod:`megatron_ghpo.rewards._zygote`).
 
 Guarantees of :meth:`VerifierPool.map` (callable from any thread, concurrently):
 
-* each task's result arrives within ``timeout_s`` (plus a few milliseconds) of being dispatched to a
-  worker; a task that overruns gets ``status="timeout"``;
+* each task's result arrives within ``timeout_s`` of the moment it starts in a worker, plus the
+  dispatcher thread's wake-up delay (milliseconds normally; measured up to ~2 s only on a 2-core
+  machine where other processes kept the CPUs saturated); a task that overruns gets
+  ``status="timeout"`` and its worker is SIGKILLed and replaced;
 * nothing a task does escapes as an exception: failures become ``status="error"`` (the task raised)
   or ``status="crashed"`` (the worker died, e.g. a C-level crash or the memory limit);
 * no process outlives the pool: :meth:`VerifierPool.close`, the context manager and an ``atexit``
@@ -29,7 +31,8 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, wait
 from typing import Any, Self
 
-from megatron_ghpo.rewards._dispatcher import Dispatcher, Task, TaskQueue
+from megatron_ghpo.rewards._dispatcher import Dispatcher
+from megatron_ghpo.rewards._queue import Task, TaskQueue
 from megatron_ghpo.rewards.pool_types import PoolClosedError, TaskResult, VerifierCounters, VerifierPoolError
 
 DEFAULT_PRELOAD = ("megatron_ghpo.rewards.math_tasks",)
@@ -49,6 +52,9 @@ class VerifierPool:
             this pool's dispatcher thread that enforces the deadlines, ahead of CPU-bound workers: on
             a loaded 2-core machine, deadline handling was late by up to ~1 s at 0 and by ~20 ms at 10.
         preload: modules imported once in the helper process before workers are forked.
+        warm_up: run each preload module's ``warm_up(full=True)`` there (~1 s of CPU once; workers
+            then start as fast as a long-running process); False calls ``warm_up(full=False)``, which
+            only imports math-verify (short-lived pools, tests).
         start_timeout_s: how long to wait for the helper and a worker to come up.
     """
 
@@ -57,9 +63,10 @@ class VerifierPool:
         num_workers: int | None = None,
         timeout_s: float = 5.0,
         *,
-        memory_limit_mb: int = 4096,
+        memory_limit_mb: int = 1024,
         worker_nice: int = 10,
         preload: Sequence[str] = DEFAULT_PRELOAD,
+        warm_up: bool = True,
         start_timeout_s: float = 120.0,
     ) -> None:
         if num_workers is None:
@@ -93,8 +100,9 @@ class VerifierPool:
             num_workers=num_workers,
             timeout_s=self.timeout_s,
             memory_limit_mb=memory_limit_mb,
-            worker_nice=worker_nice,
+            nice=worker_nice,
             preload=tuple(preload),
+            warm_up=warm_up,
             start_timeout_s=start_timeout_s,
         )
         self._thread = threading.Thread(target=self._dispatcher.run, name="verifier-pool", daemon=True)
@@ -135,17 +143,30 @@ class VerifierPool:
         keys = list(affinity) if affinity is not None else [None] * len(arg_list)
         if len(keys) != len(arg_list):
             raise ValueError(f"affinity has {len(keys)} keys for {len(arg_list)} tasks")
-        futures = self._submit_many(ref, arg_list, keys)
-        while wait(futures, timeout=1.0).not_done:  # one wake-up when all are done, not one per task
-            if not self._thread.is_alive():
-                raise VerifierPoolError(f"verifier pool dispatcher stopped: {self._dispatcher.fatal!r}")
-        results: list[TaskResult] = [fut.result() for fut in futures]
+        results = self._gather(self._submit_many(ref, arg_list, keys))
         mine = self._thread_counters()
         with self._counter_lock:
             for r in results:
                 mine.add(r)
                 self.counters.add(r)
         return results
+
+    def broadcast(self, ref: str, args: Iterable[Any] = ()) -> list[TaskResult]:
+        """Run ``ref(*args)`` once in every worker slot (e.g. to clear per-process caches).
+
+        A slot whose worker is replaced meanwhile runs it in the replacement. Results are not
+        counted in :attr:`counters`.
+        """
+        self._check_usable()
+        tasks = [Task(next(self._ids), ref, tuple(args), slot=slot) for slot in range(self.num_workers)]
+        self._queue.put_pinned(tasks)
+        return self._gather([t.future for t in tasks])
+
+    def _gather(self, futures: list[Future]) -> list[TaskResult]:
+        while wait(futures, timeout=1.0).not_done:  # one wake-up when all are done, not one per task
+            if not self._thread.is_alive():
+                raise VerifierPoolError(f"verifier pool dispatcher stopped: {self._dispatcher.fatal!r}")
+        return [fut.result() for fut in futures]
 
     def thread_counters(self) -> VerifierCounters:
         """A copy of the outcome counts of tasks mapped from the calling thread (for per-call deltas)."""

@@ -30,7 +30,7 @@ def _tool():
 
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(2, timeout_s=10.0) as p:
+    with VerifierPool(2, timeout_s=10.0, warm_up=False) as p:
         yield p
 
 

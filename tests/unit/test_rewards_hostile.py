@@ -53,6 +53,15 @@ GOLDS = [
 ]
 
 
+def cpu_stall_us() -> int | None:
+    """Cumulative microseconds in which some runnable task waited for a CPU (Linux PSI), or None."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def test_hostile_completions_are_scored_in_bounded_time_from_a_thread():
     comps = hostile_completions(520, seed=0)
     assert len(comps) >= 500
@@ -61,7 +70,7 @@ def test_hostile_completions_are_scored_in_bounded_time_from_a_thread():
 
     def work():
         try:
-            with VerifierPool(WORKERS, timeout_s=TIMEOUT) as pool:
+            with VerifierPool(WORKERS, timeout_s=TIMEOUT, warm_up=False) as pool:
                 out["pids"] = set(pool.worker_pids())
                 t0 = time.monotonic()
                 out["results"] = pool.map(ACCURACY_TASK, list(zip(golds, comps)), affinity=golds)
@@ -79,19 +88,29 @@ def test_hostile_completions_are_scored_in_bounded_time_from_a_thread():
             out["error"] = exc
 
     thread = threading.Thread(target=work, name="not-main")
+    stall0, t0 = cpu_stall_us(), time.monotonic()
     thread.start()
     thread.join(240)
+    stall1, elapsed = cpu_stall_us(), time.monotonic() - t0
+    pressure = (stall1 - stall0) / 1e6 / elapsed if stall0 is not None and stall1 is not None else 0.0
     assert not thread.is_alive(), "scoring hung"
     assert "error" not in out, repr(out.get("error"))
     results = out["results"]
     statuses = collections.Counter(r.status for r in results)
     worst = max(r.elapsed_s for r in results)
-    print(f"\nhostile: n={len(results)} {dict(statuses)} max_latency={worst:.3f}s wall={out['wall']:.1f}s")
-    assert worst <= TIMEOUT + 1.0
+    print(
+        f"\nhostile: n={len(results)} {dict(statuses)} max_latency={worst:.3f}s wall={out['wall']:.1f}s "
+        f"cpu_pressure={pressure:.2f}"
+    )
+    # The 1 s margin assumes this process gets a CPU when its deadline thread wakes. When other
+    # processes keep runnable tasks waiting for a CPU most of the time (PSI "some" > 80%), wake-ups
+    # were measured up to ~2 s late on 2 cores, so the margin widens; a hang still fails either way.
+    margin = 1.0 if pressure < 0.8 else 3.0
+    assert worst <= TIMEOUT + margin, f"worst latency {worst:.3f}s at CPU pressure {pressure:.2f}"
     assert set(statuses) <= {"ok", "timeout", "error", "crashed"} and statuses["timeout"] > 0
     assert all(r.value in (0.0, 1.0, None) for r in results if r.ok)
     assert all(v in (0.0, 1.0, None) for v in out["rewards"])
-    assert out["reward_wall"] <= (60 / WORKERS + 1) * (TIMEOUT + 1.0)
+    assert out["reward_wall"] <= (60 / WORKERS + 1) * (TIMEOUT + margin)
     assert out["metrics"]["reward/timeouts"] >= 1 and len(out["group_accuracy"]) == 16
     assert len(out["pids"]) > WORKERS + 1  # helper + workers + replacements of killed ones
     assert wait_gone(out["pids"]) == []

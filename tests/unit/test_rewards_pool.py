@@ -41,14 +41,14 @@ def wait_gone(pids, timeout=10.0):
 @pytest.fixture(scope="module")
 def pool():
     """For outcome and ordering checks: a budget no honest task gets near, even on a loaded machine."""
-    with VerifierPool(2, timeout_s=20.0) as p:
+    with VerifierPool(2, timeout_s=20.0, warm_up=False) as p:
         yield p
 
 
 @pytest.fixture(scope="module")
 def short_pool():
     """For timeout checks (sleeping tasks are far past it; echo tasks far below)."""
-    with VerifierPool(2, timeout_s=1.0) as p:
+    with VerifierPool(2, timeout_s=1.0, warm_up=False) as p:
         yield p
 
 
@@ -81,7 +81,7 @@ def test_errors_and_crashes_are_results_not_exceptions(pool):
 
 
 def test_memory_limit_turns_a_memory_bomb_into_an_error():
-    with VerifierPool(1, timeout_s=10.0, memory_limit_mb=512) as p:
+    with VerifierPool(1, timeout_s=10.0, memory_limit_mb=512, warm_up=False) as p:
         (r,) = p.map("builtins:bytearray", [(2 * 1024**3,)])
         assert r.status == "error" and "MemoryError" in r.message
         assert p.map(ECHO, [("still fine",)])[0].value == "still fine"
@@ -121,6 +121,15 @@ def test_affinity_prefers_one_worker_but_idle_workers_steal(pool):
         pool.map(ECHO, [(1,), (2,)], affinity=["x"])
 
 
+def test_broadcast_runs_once_in_every_worker(pool):
+    deadline = time.monotonic() + 10
+    while len(pool.worker_pids()) < 3 and time.monotonic() < deadline:  # helper + 2 started workers
+        time.sleep(0.05)
+    res = pool.broadcast("os:getpid")
+    assert sorted(r.value for r in res) == sorted(pool.worker_pids()[1:])
+    assert all(r.ok for r in pool.broadcast("megatron_ghpo.rewards.math_tasks:clear_caches"))
+
+
 def test_large_payloads_do_not_stall_other_workers(pool):
     """A 20 MB task is written as its worker reads it; a concurrent small task is not held up."""
     big = "7" * 20_000_000
@@ -130,7 +139,7 @@ def test_large_payloads_do_not_stall_other_workers(pool):
 
 
 def test_pool_recovers_when_its_helper_process_is_killed():
-    with VerifierPool(2, timeout_s=5.0) as p:
+    with VerifierPool(2, timeout_s=5.0, warm_up=False) as p:
         helper, *workers = p.worker_pids()
         os.kill(helper, 9)  # the workers die with it (PR_SET_PDEATHSIG)
         assert wait_gone([helper, *workers]) == []
@@ -142,7 +151,7 @@ def test_pool_recovers_when_its_helper_process_is_killed():
 
 
 def test_close_stops_every_process_and_rejects_new_work():
-    p = VerifierPool(2, timeout_s=0.3)
+    p = VerifierPool(2, timeout_s=0.3, warm_up=False)
     pids = set(p.worker_pids())
     p.map(SLEEP, [(30,)])  # one kill + respawn
     time.sleep(0.2)
@@ -162,7 +171,7 @@ def test_processes_die_with_a_killed_parent(tmp_path):
         "import os, sys, time\n"
         f"sys.path.insert(0, {os.getcwd()!r})\n"
         "from megatron_ghpo.rewards import VerifierPool\n"
-        "p = VerifierPool(2, timeout_s=30)\n"
+        "p = VerifierPool(2, timeout_s=30, warm_up=False)\n"
         "f = p.submit('megatron_ghpo.rewards.math_tasks:sleep_for', (60,))\n"
         "time.sleep(0.3)\n"
         "print(' '.join(map(str, p.worker_pids())), flush=True)\n"
@@ -178,10 +187,10 @@ def test_processes_die_with_a_killed_parent(tmp_path):
 
 def test_default_pool_is_shared_and_reconfigurable():
     try:
-        configure_default_pool(num_workers=1, timeout_s=2.0)
+        configure_default_pool(num_workers=1, timeout_s=2.0, warm_up=False)
         a = get_default_pool()
         assert a is get_default_pool() and a.num_workers == 1
-        configure_default_pool(num_workers=1, timeout_s=3.0)
+        configure_default_pool(num_workers=1, timeout_s=3.0, warm_up=False)
         assert a.closed
         b = get_default_pool()
         assert b is not a and b.timeout_s == 3.0
@@ -196,6 +205,8 @@ def test_default_pool_is_shared_and_reconfigurable():
         ({"num_workers": 0}, "num_workers"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"timeout_s": float("inf")}, "timeout_s"),
+        ({"worker_nice": -1}, "worker_nice"),
+        ({"memory_limit_mb": -5}, "memory_limit_mb"),
     ],
 )
 def test_bad_options_are_clear_errors(kwargs, match):

@@ -13,13 +13,15 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(2, timeout_s=20.0) as p:  # generous: these tests check values, not timeouts
+    with VerifierPool(
+        2, timeout_s=20.0, warm_up=False
+    ) as p:  # generous: these tests check values, not timeouts
         yield p
 
 
 @pytest.fixture(scope="module")
 def short_pool():
-    with VerifierPool(2, timeout_s=0.5) as p:
+    with VerifierPool(2, timeout_s=0.5, warm_up=False) as p:
         yield p
 
 

@@ -105,7 +105,7 @@ def test_golds_verify_under_the_accuracy_reward():
     from megatron_ghpo.rewards import VerifierPool, accuracy_reward
 
     probs = generate_problems(40, seed=0, difficulty="hard_mul")
-    with VerifierPool(1, timeout_s=10.0) as pool:
+    with VerifierPool(1, timeout_s=10.0, warm_up=False) as pool:
         right = accuracy_reward([p.hint for p in probs], [p.answer for p in probs], pool=pool)
         wrong = accuracy_reward(
             [f"\\boxed{{{int(p.answer) + 1}}}" for p in probs], [p.answer for p in probs], pool=pool

@@ -40,6 +40,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _cpu_stall_us() -> int | None:
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=520)
@@ -65,8 +73,11 @@ def main() -> int:
             out["error"] = repr(exc)
 
     thread = threading.Thread(target=work, name="scorer")
+    stall0, t0 = _cpu_stall_us(), time.monotonic()
     thread.start()
     thread.join()
+    stall1, elapsed = _cpu_stall_us(), time.monotonic() - t0
+    pressure = "n/a" if stall0 is None or stall1 is None else f"{(stall1 - stall0) / 1e6 / elapsed:.2f}"
     if "error" in out:
         print(f"exception escaped: {out['error']}")
         return 1
@@ -92,7 +103,8 @@ def main() -> int:
         )
     worst = max(r.elapsed_s for r in out["results"])
     print(
-        f"wall {out['wall']:.1f} s; processes started {len(out['pids'])}; left alive after close: {len(leaked)}"
+        f"wall {out['wall']:.1f} s; CPU pressure (share of time some runnable task waited for a CPU) {pressure}; "
+        f"processes checked {len(out['pids'])}, left alive after close: {len(leaked)}"
     )
     print(f"hostile_max_latency_over_timeout_s={worst - args.timeout:.3f}")
     return 0

@@ -163,6 +163,7 @@ class Components:
     renderer: Any = None
     refill: Any = None
     evaluator: Any = None
+    pool: Any = None
 
     def make_batch(self, groups: list[Group]) -> tuple[TrainBatch, dict[str, float]]:
         from megatron_ghpo.algo.advantages import group_advantages, reward_moments, std_from_moments
@@ -216,6 +217,7 @@ class Components:
         if self.evaluator is None:
             from megatron_ghpo.eval.inloop import InLoopEvaluator
             from megatron_ghpo.eval.runner import SamplingOverrides
+            from megatron_ghpo.eval.scoring import PoolScorer
             from megatron_ghpo.eval.tasks import parse_custom_task
 
             e = self.cfg.eval
@@ -224,7 +226,7 @@ class Components:
                 self.renderer, tasks, samples=e.eval_samples, limit=e.eval_limit,
                 sampling=SamplingOverrides(samples=e.eval_samples, max_new_tokens=self.cfg.rollout.max_completion_length,
                                            seed=self.cfg.training.seed),
-                out_root=Path(self.cfg.checkpoint.output_dir) / "eval",
+                scorer=PoolScorer(self.pool), out_root=Path(self.cfg.checkpoint.output_dir) / "eval",
                 shard=(self.groups.dp_rank, self.groups.dp_size),
                 all_reduce=lambda xs: _sum_list(xs, self.groups),
             )
@@ -232,6 +234,8 @@ class Components:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.pool is not None:
+            self.pool.close()
         if self.engine is not None:
             self.engine.close()
 
@@ -275,7 +279,10 @@ def build_components(cfg: Config, *, resume_step: int) -> Components:
         c.renderer = PromptRenderer(tokenizer, system_prompt=cfg.data.system_prompt,
                                     max_prompt_length=cfg.data.max_prompt_length, hint_template=g.hint_template,
                                     hint_split=g.hint_split, hint_guard=g.hint_guard)
-        c.scorer = RewardScorer(get_reward_funcs(cfg.rewards.reward_funcs), cfg.rewards.weights)
+        from megatron_ghpo.rewards import VerifierPool
+
+        c.pool = VerifierPool(cfg.rewards.reward_num_workers, cfg.rewards.reward_timeout_s)
+        c.scorer = RewardScorer(get_reward_funcs(cfg.rewards.reward_funcs), cfg.rewards.weights, pool=c.pool)
         c.memory = DifficultyMemory()
         streaming = g.streaming and isinstance(c.engine, StreamingRolloutEngine)
         c.refill = Refill(stream)

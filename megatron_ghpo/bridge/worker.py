@@ -101,7 +101,7 @@ TASKS = {"hf_to_megatron": task_hf_to_megatron, "megatron_to_hf": task_megatron_
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in TASKS:
-        print(f"usage: python -m megatron_ghpo.bridge.worker {{{','.join(TASKS)}}} ARGS_JSON", file=sys.stderr)
+        sys.stderr.write(f"usage: python -m megatron_ghpo.bridge.worker {{{','.join(TASKS)}}} ARGS_JSON\n")
         return 2
     torch.set_num_threads(int(os.environ.get("MEGATRON_GHPO_THREADS_PER_RANK", "1")))
     configure_logging(os.environ.get("MEGATRON_GHPO_LOG_LEVEL", "INFO"))

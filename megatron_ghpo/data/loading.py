@@ -36,7 +36,7 @@ class DatasetUnavailableError(RuntimeError):
 Row = tuple[str, int, dict[str, Any]]  # (source label, row index within it, row)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -56,7 +56,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
+def read_json(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
@@ -71,7 +71,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
+def read_parquet(path: Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
@@ -80,11 +80,11 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 def _read_file(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path)
+        return read_jsonl(path)
     if suffix == ".json":
-        return _read_json(path)
+        return read_json(path)
     if suffix == ".parquet":
-        return _read_parquet(path)
+        return read_parquet(path)
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {DATA_SUFFIXES}")
 
 

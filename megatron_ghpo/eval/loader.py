@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import random
 import re
 from pathlib import Path
 from typing import Any
 
+from megatron_ghpo.data.loading import read_json, read_jsonl, read_parquet
 from megatron_ghpo.eval.answers import GoldAnswerError, extract_gold, gold_for_reward
 from megatron_ghpo.eval.tasks import TaskSpec
 from megatron_ghpo.logging_utils import get_logger
@@ -48,34 +48,14 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"evaluation file {p} does not exist (check --task-path / path=)")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with p.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(
-                        f"{p}:{line_no}: not valid JSON ({exc.msg}); fix or remove the line"
-                    ) from exc
-                if not isinstance(row, dict):  # bad file content (not a bad argument type): ValueError
-                    msg = f"{p}:{line_no}: expected a JSON object, got {type(row).__name__}"
-                    raise ValueError(msg)  # noqa: TRY004
-                rows.append(row)
-        return rows
+        return read_jsonl(p)
     if suffix == ".json":
-        data = json.loads(p.read_text(encoding="utf-8"))
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise ValueError(f"{p}: a .json task file must hold a list of objects (or use .jsonl)")
-        return data
+        return read_json(p)
     if suffix == ".csv":
         with p.open(encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f))
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(p).to_pylist()
+        return read_parquet(p)
     raise ValueError(f"{p}: unsupported extension {suffix!r}; use .jsonl, .json, .csv or .parquet")
 
 

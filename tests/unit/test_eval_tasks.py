@@ -144,7 +144,7 @@ def test_custom_task_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"row 0 .*'solution'.*boxed"):
         load_task(parse_custom_task(f"name=bad,path={f},problem=question,answer=solution,format=last_boxed"))
     f.write_text('{"problem": "x", "answer": "1"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 2 is not valid JSON"):
         load_task(parse_custom_task(f"name=bad,path={f}"))
     with pytest.raises(ValueError, match="(?i)did you mean 'problem'"):
         parse_custom_task(f"name=bad,path={f},problme=q")

@@ -175,6 +175,9 @@ class GHPOConfig:
     """`fixed`: train each group on the prompt it was sampled from; `faithful`: the reference's reversion."""
     hint_start: Literal["ladder", "memory"] = "ladder"
     """`memory`: start a known-hard problem's ladder at the ratio that last worked."""
+    hint_skip_repeats: bool = True
+    """Leave out ladder stages whose hint would repeat the previous stage's (``false``: every stage, as
+    the reference)."""
     streaming: bool = True
     """Queue hinted regenerations as soon as a group is known difficult (engines that support it)."""
     dynamic_sampling: bool = False
@@ -276,6 +279,10 @@ class TrainingConfig:
     seed: int = 42
     sequence_packing: bool = False
     """Pack micro-batch sequences to a token budget instead of padding to the longest."""
+    group_by_length: bool = True
+    """Padded micro-batches take the step's sequences in order of length, so hinted (longer) prompts
+    share micro-batches instead of making every one pad to their length. Changes which sequences
+    share a micro-batch (the ``bnpo`` per-micro-batch token mean), not the sequences trained."""
 
     def __post_init__(self) -> None:
         _require(self.per_device_train_batch_size >= 1, "per_device_train_batch_size",

@@ -5,7 +5,7 @@
    one-digit first step) with a small share of the hard kind, an RL set of hard problems (a two-digit
    first step with a carry, then easy one-digit steps) and a held-out set of hard problems. A hint
    that reveals the first line of the worked solution removes the hard part.
-3. SFT warm-up (``megatron-ghpo sft``, TP=2 over 2 gloo processes; 30% of prompts hinted so the model
+3. SFT warm-up (``megatron-ghpo sft``, TP=2 over 2 gloo processes; half of the prompts hinted so the model
    learns what a hint is), written as a Hugging Face folder.
 4. From that folder, one GHPO and one GRPO run per seed with the same seed, steps and prompts per
    step (``megatron-ghpo train``, TP=2), each evaluated without hints on the held-out problems at
@@ -62,7 +62,10 @@ def prepare(out: Path, *, n_rl: int, n_heldout: int, n_sft: int) -> dict[str, Pa
         build_tiny_model(base, arch="qwen2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                          intermediate_size=384, initializer_range=0.02, tie_word_embeddings=True, seed=0)
     data = out / "data"
-    hard_share = max(1, n_sft // 10)  # 10% hard problems in the warm-up: some signal for GRPO to start from
+    # 15% hard problems in the warm-up: some signal for GRPO to start from, and (half of them hinted,
+    # sft.yaml's sft_hint_fraction) the examples where a hint carries what the model cannot compute, so
+    # it learns to take the hint's first line rather than recompute it (easy problems cannot teach that).
+    hard_share = max(1, n_sft * 3 // 20)
     sft = generate_problems(n_sft - hard_share, seed=1, difficulty="easy") + generate_problems(
         hard_share, seed=2, difficulty="medium")
     paths = {

@@ -43,6 +43,13 @@ class Slot:
     solved_rung: int | None = None
     generated: list[int] = field(default_factory=list)
     """Stages this slot was sampled at, in order."""
+    path: list[int] | None = None
+    """Stages this slot may visit, ascending from ``start_rung`` (None: every stage from ``start_rung``
+    to the top). The sampler leaves out stages whose hint would repeat the previous one's."""
+
+    def last_rung(self, top: int) -> int:
+        """The highest stage this slot can reach."""
+        return self.path[-1] if self.path else top
 
 
 @dataclass(kw_only=True)
@@ -121,15 +128,28 @@ def _settle(ctx: RoundContext, slot: Slot, group: Group) -> None:
         slot.solved_rung = slot.rung
 
 
+def next_rung(ctx: RoundContext, slot: Slot) -> int | None:
+    """The stage after the slot's current one on its path, or None at the end of the path."""
+    if slot.path is None:
+        return slot.rung + 1 if slot.rung < ctx.top else None
+    return next((k for k in slot.path if k > slot.rung), None)
+
+
 def needs_next(ctx: RoundContext, slot: Slot) -> bool:
     """True when the slot's group is difficult and a higher stage with a hint is available."""
     return (
         ctx.climb
         and slot.group is not None
-        and slot.rung < ctx.top
         and slot.problem.hint is not None
+        and next_rung(ctx, slot) is not None
         and is_difficult(slot.group)
     )
+
+
+def _climb(ctx: RoundContext, slot: Slot) -> None:
+    nxt = next_rung(ctx, slot)
+    assert nxt is not None, "climb past the end of the slot's path"
+    slot.rung = nxt
 
 
 def _make_group(ctx: RoundContext, slot: Slot, prompt: Prompt, comps: list[Completion]) -> Group:
@@ -147,7 +167,7 @@ def run_batched(ctx: RoundContext, slots: list[Slot]) -> int:
             if not ctx.any_global(bool(active)):
                 break
             for s in active:
-                s.rung += 1
+                _climb(ctx, s)
         passes += 1
         if not active:
             continue
@@ -195,7 +215,7 @@ def run_streaming(ctx: RoundContext, slots: list[Slot]) -> int:
         for slot, g in batch:
             _settle(ctx, slot, g)
             if needs_next(ctx, slot):
-                slot.rung += 1
+                _climb(ctx, slot)
                 submit(slot)
     if inflight:
         raise RuntimeError(f"engine reported no pending work but {len(inflight)} requests never returned")

@@ -19,6 +19,8 @@ Keys (K = number of ladder ratios):
 * ``ghpo/nan_accuracy_groups``: groups with an unknown (None/NaN) accuracy (never hinted).
 * ``ghpo/memory_started_groups`` / ``ghpo/memory_skipped_passes``: groups the difficulty memory
   started above stage 0, and the passes that saved.
+* ``ghpo/repeat_stages_skipped``: ladder stages left out of the groups' paths because their hint
+  would have repeated the previous stage's (``hint_skip_repeats``).
 * ``ghpo/hinted_groups``: trained groups whose completions were sampled from a hinted prompt.
 * ``train/acc``: mean known accuracy of the trained completions (after hints).
 * ``ghpo/hint_ratio_mean`` and ``ghpo/hint_ratio/{r}`` for r in {0, ladder…}: the fraction of
@@ -56,6 +58,7 @@ class StepStats:
     nan_groups: int = 0
     memory_started: int = 0
     memory_skipped: int = 0
+    skipped_stages: int = 0
     unhinted_acc: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -68,6 +71,8 @@ class StepStats:
         for s in slots:
             self.generated += len(s.generated)
             self.regenerated += max(0, len(s.generated) - 1)
+            if s.path is not None:
+                self.skipped_stages += self.num_stages - s.start_rung - len(s.path)
             if from_memory and s.start_rung > 0:
                 self.memory_started += 1
                 self.memory_skipped += s.start_rung
@@ -79,7 +84,7 @@ class StepStats:
             difficult = is_difficult(s.group)
             if difficult and s.problem.hint is None:
                 self.unhintable += 1
-            if difficult and climb and s.rung == top and s.problem.hint is not None:
+            if difficult and climb and s.rung == s.last_rung(top) and s.problem.hint is not None:
                 self.unsolved += 1
             self._count_difficult(s)
 
@@ -107,6 +112,7 @@ class StepStats:
         m["ghpo/nan_accuracy_groups"] = float(self.nan_groups)
         m["ghpo/memory_started_groups"] = float(self.memory_started)
         m["ghpo/memory_skipped_passes"] = float(self.memory_skipped)
+        m["ghpo/repeat_stages_skipped"] = float(self.skipped_stages)
         m["ghpo/hinted_groups"] = float(sum(1 for g in trained if g.prompt.hint_ratio > 0))
         accs = known_accuracies(trained)
         if accs:

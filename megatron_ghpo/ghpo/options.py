@@ -43,6 +43,10 @@ class GHPOOptions:
     hint_start: str = "ladder"
     """``ladder``: every problem starts unhinted. ``memory``: a known-hard problem starts at the
     ladder stage that last worked (needs a DifficultyMemory)."""
+    hint_skip_repeats: bool = True
+    """Leave out ladder stages whose hint would repeat the previous stage's (a ``line``/``sentence``
+    cut that reaches no further boundary, or an empty first hint): such a stage is a plain retry of
+    a prompt just found difficult. ``false`` runs every stage, as the reference does."""
     streaming: bool = False
     """Queue hinted regenerations as soon as a group is known to be difficult (needs a
     StreamingRolloutEngine)."""
@@ -86,7 +90,7 @@ class GHPOOptions:
             )
         if self.hint_start not in HINT_STARTS:
             raise ValueError(f"ghpo.hint_start must be one of {HINT_STARTS}, got {self.hint_start!r}")
-        for name in ("streaming", "dynamic_sampling"):
+        for name in ("streaming", "dynamic_sampling", "hint_skip_repeats"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(  # noqa: TRY004
                     f"ghpo.{name} must be true or false, got {getattr(self, name)!r}"

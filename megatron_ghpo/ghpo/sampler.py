@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_ghpo.ghpo.difficulty import is_difficult, is_solved
+from megatron_ghpo.ghpo.hints import hint_prefix
 from megatron_ghpo.ghpo.ladder import RoundContext, Slot, run_batched, run_streaming
 from megatron_ghpo.ghpo.memory import DifficultyMemory, VisitOutcome
 from megatron_ghpo.ghpo.metrics import StepStats
@@ -114,6 +115,27 @@ class GHPOSampler:
             return self.memory.start_rung(problem.uid, rungs)
         return 0
 
+    def _distinct_path(self, problem: Problem, rungs: list[float], start: int) -> list[int]:
+        """Stages from ``start`` up whose hint differs from the previous kept stage's (stage 0 and an
+        empty hint count as the same "no hint"): a stage that would show the same hint again is a
+        plain retry of a prompt just found difficult, so it is left out. A start stage whose hint is
+        empty starts unhinted instead."""
+        o = self.options
+        assert problem.hint is not None
+
+        def prefix(k: int) -> str:
+            return hint_prefix(problem.hint, rungs[k], split=o.hint_split, guard=o.hint_guard) if k else ""
+
+        if start > 0 and not prefix(start):
+            start = 0
+        path, last = [start], prefix(start)
+        for k in range(start + 1, len(rungs)):
+            cur = prefix(k)
+            if cur != last:
+                path.append(k)
+                last = cur
+        return path
+
     # ---------------------------------------------------------------- rounds
     def _run_round(
         self, problems: list[Problem], step: int, index: int, stats: StepStats, score_metrics: dict
@@ -126,7 +148,11 @@ class GHPOSampler:
                     f"problem {i} is a {type(p).__name__}, expected megatron_ghpo.records.Problem"
                 )
             start = self._start_rung(p, rungs, climb)
-            slots.append(Slot(index=i, problem=p, start_rung=start, rung=start))
+            path = None
+            if climb and p.hint is not None and self.options.hint_skip_repeats:
+                path = self._distinct_path(p, rungs, start)
+                start = path[0]
+            slots.append(Slot(index=i, problem=p, start_rung=start, rung=start, path=path))
         ctx = RoundContext(
             engine=self.engine,
             render=self.render,

@@ -13,6 +13,8 @@ import random
 import shutil
 from pathlib import Path
 
+from megatron_ghpo.ghpo.hints import HINT_TEMPLATE
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -32,6 +34,9 @@ def _corpus(seed: int = 0, lines: int = 4000) -> list[str]:
         "total sum difference product number equals therefore first next finally think "
         "system user assistant you are a helpful reasoning respond in following format"
     ).split()
+    # The GHPO hint template's words, so a hinted prompt costs about as many tokens over an unhinted
+    # one as with a production tokenizer (one per word) rather than one per character.
+    words += HINT_TEMPLATE.replace(",", " ,").replace(":", " :").split()
     latex = ["\\boxed{", "\\frac{", "\\sqrt{", "\\cdot", "\\times", "$", "^{", "_{", "\\pi", "\\left(", "\\right)"]
     tags = ["<think>\n", "\n</think>\n", "<answer>\n", "\n</answer>"]
     out = []
@@ -40,6 +45,7 @@ def _corpus(seed: int = 0, lines: int = 4000) -> list[str]:
         op = rng.choice("+-*=")
         parts = [
             " ".join(rng.choices(words, k=rng.randint(3, 10))),
+            HINT_TEMPLATE if rng.random() < 0.25 else "",
             f"{a}{op}{b}={a + b if op != '*' else a * b}",
             rng.choice(latex) + str(rng.randint(0, 99)) + "}",
             rng.choice(tags),

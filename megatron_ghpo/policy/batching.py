@@ -218,6 +218,7 @@ def make_micro_batches(
     pad_token_id: int = 0,
     uniform_shape: bool = False,
     pad_to_multiple_of: int = 1,
+    group_by_length: bool = False,
 ) -> list[MicroBatch]:
     """Split ``samples`` into micro-batches.
 
@@ -226,13 +227,19 @@ def make_micro_batches(
     into single rows of at most that many tokens, one row per micro-batch. ``uniform_shape`` pads
     every micro-batch to the same [R, S] (Megatron's interleaved schedule cannot exchange
     variable shapes between virtual stages). ``pad_to_multiple_of`` rounds S up (FP8 GEMMs need
-    multiples of 16 tokens, sequence parallelism a multiple of TP).
+    multiples of 16 tokens, sequence parallelism a multiple of TP). ``group_by_length`` (padding
+    only) fills the micro-batches with the sequences in order of length (stable), so long hinted
+    prompts do not make every micro-batch pad to their length; ``MicroBatch.sample_index`` keeps
+    each sequence's place in ``samples``.
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if max_tokens_per_micro_batch is None:
+        order = list(range(len(samples)))
+        if group_by_length:
+            order.sort(key=lambda i: len(samples[i].prompt_ids) + len(samples[i].completion_ids))
         starts = range(0, len(samples), micro_batch_size)
-        layouts = [[[i] for i in range(a, min(a + micro_batch_size, len(samples)))] for a in starts]
+        layouts = [[[i] for i in order[a : a + micro_batch_size]] for a in starts]
     else:
         lengths = [len(s.prompt_ids) + len(s.completion_ids) - 1 for s in samples]
         layouts = [[row] for row in pack_rows(lengths, max_tokens_per_micro_batch)]

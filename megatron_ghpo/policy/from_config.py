@@ -62,7 +62,8 @@ def policy_kwargs(cfg: Any, *, total_steps: int | None = None, mode: str = "rl")
             beta=a.beta if mode == "rl" else 0.0, temperature=r.temperature,
             max_completion_length=r.max_completion_length,
         ),
-        "batching": BatchingOptions(micro_batch_size=t.per_device_train_batch_size, max_tokens_per_micro_batch=packing),
+        "batching": BatchingOptions(micro_batch_size=t.per_device_train_batch_size, max_tokens_per_micro_batch=packing,
+                                    group_by_length=t.group_by_length),
     }  # fmt: skip
 
 

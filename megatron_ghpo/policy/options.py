@@ -52,6 +52,8 @@ class BatchingOptions:
     """Set to pack sequences into rows of at most this many tokens (one row per micro-batch)."""
     pad_token_id: int = 0
     """Filler id for padding positions (never attended by real tokens, never in the loss)."""
+    group_by_length: bool = False
+    """Padding only: fill micro-batches with the sequences sorted by length (less padding)."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:

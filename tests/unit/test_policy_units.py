@@ -101,6 +101,22 @@ def test_uniform_shape_and_multiple_padding() -> None:
     assert mbs[1].num_sequences == 1 and (mbs[1].tokens[1] == 0).all(), "padding row carries no sequence"
 
 
+def test_group_by_length_fills_micro_batches_shortest_first() -> None:
+    samples = [_sample(9, 4), _sample(2, 2), _sample(8, 4), _sample(3, 1)]
+    plain = make_micro_batches(samples, micro_batch_size=2)
+    grouped = make_micro_batches(samples, micro_batch_size=2, group_by_length=True)
+    assert [mb.sample_index for mb in plain] == [[0, 1], [2, 3]]
+    assert [mb.sample_index for mb in grouped] == [[1, 3], [2, 0]]  # stable among equal lengths
+    assert sum(mb.num_tokens for mb in grouped) == 2 * 3 + 2 * 12 < sum(mb.num_tokens for mb in plain) == 2 * 12 + 2 * 11
+    # every sequence is laid out exactly as without grouping: same tokens, targets and scoring positions
+    for mb in grouped:
+        for row, i in enumerate(mb.sample_index):
+            s = samples[i]
+            n = len(s.prompt_ids) + len(s.completion_ids) - 1
+            assert mb.tokens[row, :n].tolist() == (list(s.prompt_ids) + list(s.completion_ids))[:-1]
+            assert mb.targets[row, : len(s.completion_ids)].tolist() == list(s.completion_ids)
+
+
 def test_validate_samples_names_the_row() -> None:
     with pytest.raises(ValueError, match=r"samples\[1\]\.completion_mask has 1 entries for 2"):
         validate_samples([_sample(1, 1), TrainSample(prompt_ids=[1], completion_ids=[2, 3], advantage=0.0, completion_mask=[1])])

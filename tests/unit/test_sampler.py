@@ -14,12 +14,22 @@ try:
         NEVER,
         ScriptedEngine,
         ScriptedScore,
+        StreamingScriptedEngine,
         encode,
         make_render,
         problem,
     )
 except ImportError:  # tests/unit on sys.path instead of the repo root
-    from _ghpo_doubles import NAN, NEVER, ScriptedEngine, ScriptedScore, encode, make_render, problem
+    from _ghpo_doubles import (
+        NAN,
+        NEVER,
+        ScriptedEngine,
+        ScriptedScore,
+        StreamingScriptedEngine,
+        encode,
+        make_render,
+        problem,
+    )
 
 pytestmark = pytest.mark.unit
 
@@ -210,6 +220,62 @@ def test_split_and_guard_options_reach_the_prompt():
     p = problem("Q", hint="Step one.\nStep two $x$.\nSo \\boxed{7}.")
     res = sampler.sample([p], 0)
     assert res.groups[0].prompt.user_text == "Problem Q?" + HINT_TEMPLATE + "Step one.\nStep two $x$.\n"
+
+
+LINES = "12+34=46\n46+5=51\n51"  # 19 chars, line cuts: 0.25 -> "", 0.5 and 0.75 -> line 1
+
+
+def line_user(uid: str, prefix: str | None) -> str:
+    return f"Problem {uid}?" if prefix is None else f"Problem {uid}?" + HINT_TEMPLATE + prefix
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_stages_repeating_the_previous_hint_are_skipped(streaming):
+    opts = GHPOOptions(hint_split="line", streaming=streaming)
+    engine = StreamingScriptedEngine() if streaming else None
+    sampler, engine, _ = make(opts, thresholds={"L": NEVER, "M": 0.5}, engine=engine)
+    res = sampler.sample([problem("L", hint=LINES), problem("M", hint=LINES)], 0)
+    seen = [p for call in engine.calls for p in call]
+    first = "12+34=46\n"
+    # stage 1 (empty hint) and stage 3 (same line as stage 2) are left out: 2 passes, not 4
+    expected = [full_text(line_user(u, None)) for u in "LM"] + [full_text(line_user(u, first)) for u in "LM"]
+    assert sorted(seen) == sorted(expected) and len(seen) == 4
+    assert [g.stage for g in res.groups] == [2, 2]
+    m = res.metrics
+    assert m["ghpo/repeat_stages_skipped"] == 4
+    assert m["ghpo/unsolved_after_ladder"] == 1  # L failed at the last stage of its path
+    assert m["ghpo/generation_passes"] == 2
+
+
+def test_skip_repeats_off_runs_every_stage_like_the_reference():
+    opts = GHPOOptions(hint_split="line", hint_skip_repeats=False)
+    sampler, engine, _ = make(opts, thresholds={"L": NEVER})
+    res = sampler.sample([problem("L", hint=LINES)], 0)
+    assert [[p for p in call] for call in engine.calls] == [
+        [full_text(line_user("L", None))],
+        [full_text(line_user("L", ""))],
+        [full_text(line_user("L", "12+34=46\n"))],
+        [full_text(line_user("L", "12+34=46\n"))],
+    ]
+    assert res.groups[0].stage == 3 and res.metrics["ghpo/repeat_stages_skipped"] == 0
+
+
+def test_memory_start_at_an_empty_hint_starts_unhinted():
+    from megatron_ghpo.ghpo.memory import DifficultyMemory, VisitOutcome
+
+    memory = DifficultyMemory()
+    # solved at 0.5 on its first try there -> the memory starts it one stage lower, at 0.25 (an empty line cut)
+    memory.update(VisitOutcome(uid="L", step=0, start_ratio=0.5, solved_ratio=0.5, unhinted_solved=None))
+    assert memory.start_rung("L", [0.0, 0.25, 0.5, 0.75]) == 1
+    opts = GHPOOptions(hint_split="line", hint_start="memory")
+    sampler, engine, _ = make(opts, thresholds={"L": 0.0}, memory=memory)
+    res = sampler.sample([problem("L", hint=LINES)], 1)
+    assert engine.calls == [[full_text(line_user("L", None))]]
+    assert res.groups[0].stage == 0
+
+
+def full_text(user_text: str) -> str:
+    return f"<sys>S</sys><user>{user_text}</user><assistant>"
 
 
 def test_build_train_batch_masks_advantages_and_global_counts():

@@ -133,7 +133,15 @@ def print_table(summary: dict) -> None:
             ("step time (s)", "step_time_s", "{:.2f}")]
     for label, key, fmt in rows:
         t.add_row(label, *[fmt.format(summary[m][key]) if summary[m][key] is not None else "-" for m in METHODS])
+    if s["seeds"] > 1:
+        t.add_row("held-out acc per seed", *[" ".join(f"{a:.3f}" for a in summary[m]["heldout_hard_acc_per_seed"])
+                                             for m in METHODS])
     Console().print(t)
+    se = (0.25 / max(s["heldout"], 1)) ** 0.5
+    Console().print(f"one evaluation's standard error is at most {se:.3f} ({s['heldout']} problems); "
+                    f"a difference of {s['seeds']}-seed means is noise unless it exceeds about "
+                    f"{2 * se * (2 / s['seeds']) ** 0.5:.3f} (two standard errors from evaluation alone; "
+                    "seed-to-seed variation adds to that)")
     if summary.get("sft_heldout_hard_acc") is not None:
         Console().print(f"SFT warm-up alone: held-out hard acc {summary['sft_heldout_hard_acc']:.3f}")
 

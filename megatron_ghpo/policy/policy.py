@@ -268,7 +268,11 @@ class MegatronPolicy(PolicyIO):
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = run_schedule(self.chunks, mbs, spec, forward_only=False, device=self.layout.device)
-        return reduce_reports(reports, mode, reduction=reduction, num_microbatches=len(mbs), device=self.layout.device)
+        out = reduce_reports(reports, mode, reduction=reduction, num_microbatches=len(mbs), device=self.layout.device)
+        # this replica's model input: real tokens (prompts included) and the padded [R, S] total
+        out["input_tokens"] = float(sum(len(s.prompt_ids) + len(s.completion_ids) - 1 for s in samples))
+        out["padded_tokens"] = float(sum(mb.num_tokens for mb in mbs))
+        return out
 
     def apply_update(self, report: dict[str, float], *, mode: str = "policy", started: float | None = None) -> dict[str, float]:
         """Optimizer step from the gradients of :meth:`forward_backward`, skipped (and counted) when the

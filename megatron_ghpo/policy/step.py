@@ -191,6 +191,9 @@ def step_metrics(
         "train/num_sequences": r["sequences"],
         "perf/train_step_s": seconds,
     }
+    for key in ("input_tokens", "padded_tokens"):  # model input of this replica (prompts and padding included)
+        if key in r:
+            out[f"perf/{key}"] = r[key]
     if algorithm.compute_entropy:
         out["train/entropy"] = r["entropy_sum"] / tokens
     if mode == "sft":

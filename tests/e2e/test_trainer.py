@@ -77,6 +77,7 @@ def test_ghpo_steps_train_and_sync_into_the_engine(workspace):
         assert isinstance(r["train/loss"], float), r["train/loss"]
         assert r["rollout/sync_max_logprob_diff"] <= 1e-4, r["rollout/sync_max_logprob_diff"]
         assert r["rollout/weight_version"] == r["step"]
+        assert r["perf/padded_tokens"] >= r["perf/input_tokens"] > r["train/num_tokens"] > 0
     assert any(r["train/grad_norm"] > 0 for r in rows), "no step had a learning signal"
     assert (out / "config.yaml").is_file()
     ckpt = out / "checkpoints" / "step_3"

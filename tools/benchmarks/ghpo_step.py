@@ -66,6 +66,8 @@ KEYS = [
     "ghpo/generated_groups",
     "ghpo/memory_started_groups",
     "train/num_tokens",
+    "perf/input_tokens",
+    "perf/padded_tokens",
     "perf/rollout_s",
     "perf/train_s",
     "perf/sync_s",
@@ -87,7 +89,7 @@ def main() -> int:
     ap.add_argument("--model", default=str(ROOT / "outputs/demo/sft/hf"))
     ap.add_argument("--data", default=str(ROOT / "outputs/demo/data/rl_train.jsonl"))
     ap.add_argument("--problems", type=int, default=64, help="RL problems used (the first N rows)")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=5, help="epochs over the problems (the seed recipe trains 5)")
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args()
     for p in (args.model, args.data):

@@ -10,28 +10,16 @@ import pytest
 from megatron_ghpo.ghpo import DifficultyMemory, GHPOOptions, GHPOSampler, VisitOutcome
 from megatron_ghpo.rollout.base import SamplingParams
 
-try:
-    from tests.unit._ghpo_doubles import (
-        NAN,
-        NEVER,
-        ScriptedEngine,
-        ScriptedScore,
-        StreamingScriptedEngine,
-        ThreadCollective,
-        make_render,
-        problem,
-    )
-except ImportError:  # tests/unit on sys.path instead of the repo root
-    from _ghpo_doubles import (
-        NAN,
-        NEVER,
-        ScriptedEngine,
-        ScriptedScore,
-        StreamingScriptedEngine,
-        ThreadCollective,
-        make_render,
-        problem,
-    )
+from tests.unit._ghpo_doubles import (
+    NAN,
+    NEVER,
+    ScriptedEngine,
+    ScriptedScore,
+    StreamingScriptedEngine,
+    ThreadCollective,
+    make_render,
+    problem,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -8,28 +8,16 @@ import torch
 from megatron_ghpo.ghpo import HINT_TEMPLATE, GHPOOptions, GHPOSampler, build_train_batch, group_rewards
 from megatron_ghpo.rollout.base import SamplingParams
 
-try:
-    from tests.unit._ghpo_doubles import (
-        NAN,
-        NEVER,
-        ScriptedEngine,
-        ScriptedScore,
-        StreamingScriptedEngine,
-        encode,
-        make_render,
-        problem,
-    )
-except ImportError:  # tests/unit on sys.path instead of the repo root
-    from _ghpo_doubles import (
-        NAN,
-        NEVER,
-        ScriptedEngine,
-        ScriptedScore,
-        StreamingScriptedEngine,
-        encode,
-        make_render,
-        problem,
-    )
+from tests.unit._ghpo_doubles import (
+    NAN,
+    NEVER,
+    ScriptedEngine,
+    ScriptedScore,
+    StreamingScriptedEngine,
+    encode,
+    make_render,
+    problem,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -283,8 +283,15 @@ class TrainingConfig:
     """Padded micro-batches take the step's sequences in order of length, so hinted (longer) prompts
     share micro-batches instead of making every one pad to their length. Changes which sequences
     share a micro-batch (the ``bnpo`` per-micro-batch token mean), not the sequences trained."""
+    share_prompts: bool = False
+    """One row per prompt group in the train step: the prompt is read once and each of its completions
+    attends to it, so a group of G costs P + sum(completions) input tokens instead of G*(P + ...).
+    Same log-probs, loss and gradients as padding; micro-batches take whole groups. Needs
+    ``transformer_impl: local`` (arbitrary attention mask) and no sequence parallelism."""
 
     def __post_init__(self) -> None:
+        _require(not (self.share_prompts and self.sequence_packing), "share_prompts", self.share_prompts,
+                 "cannot be combined with sequence_packing: true (set one of them)")
         _require(self.per_device_train_batch_size >= 1, "per_device_train_batch_size",
                  self.per_device_train_batch_size, "must be >= 1")
         _require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",

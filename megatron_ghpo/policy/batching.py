@@ -11,6 +11,13 @@ logits at position ``j`` score token ``j + 1``, so completion token ``t`` is sco
 * packed: several sequences concatenated into one row of at most ``max_tokens`` tokens, with a
   block-diagonal causal mask. RoPE is relative, so a sequence's attention scores do not depend on
   its offset in the row (up to float rounding of the rotary angles).
+* shared prompts: one row per prompt — the prompt once, then each of its completions (all but the
+  last token), every completion attending to the prompt and causally to itself only. The logits at
+  the prompt's last position score the first token of every completion. Each completion token
+  keeps the position it has in ``prompt + completion`` (``position_ids``; the model must apply
+  RoPE at these positions, ``MicroBatch.rope_positions``), so every log-prob equals the padded
+  layout's. A group of G completions costs ``P + sum(c_i - 1)`` input tokens instead of
+  ``G * P + sum(c_i - 1)``: long (e.g. hinted) prompts are read once per group.
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ class MicroBatch:
     """[n] float32: 1 for samples whose ``rollout_logprobs`` are known."""
     sample_index: list[int]
     """Position of each sequence in the batch's sample list."""
+    real_tokens: int = 0
+    """Input positions holding a real token (the rest is padding)."""
+    rope_positions: bool = False
+    """True when ``position_ids`` are not the row offsets and RoPE must use them (shared prompts)."""
 
     @property
     def num_sequences(self) -> int:
@@ -182,8 +193,101 @@ def _build(
         old_logprobs=_optional_matrix(samples, "old_logprobs", idx, T),
         ref_logprobs=_optional_matrix(samples, "ref_logprobs", idx, T),
         sample_index=idx,
+        real_tokens=int((segment >= 0).sum()),
         **_rollout_matrix(samples, idx, T),
     )
+
+
+def _shared_row_length(samples: Sequence[TrainSample], row: list[int]) -> int:
+    return len(samples[row[0]].prompt_ids) + sum(len(samples[i].completion_ids) - 1 for i in row)
+
+
+def _build_shared(
+    samples: Sequence[TrainSample], rows: list[list[int]], pad_token_id: int, shape: tuple[int, int] | None = None
+) -> MicroBatch:
+    """One micro-batch of shared-prompt rows: each row lists samples with identical ``prompt_ids``."""
+    idx = [i for row in rows for i in row]
+    S = max(_shared_row_length(samples, row) for row in rows)
+    R, n = len(rows), len(idx)
+    if shape is not None:
+        R, S = max(R, shape[0]), max(S, shape[1])
+    T = max(len(samples[i].completion_ids) for i in idx)
+    tokens = torch.full((R, S), pad_token_id, dtype=torch.int64)
+    position_ids = torch.zeros((R, S), dtype=torch.int64)
+    owner = torch.full((R, S), -2, dtype=torch.int64)  # -1: the row's prompt, k >= 0: completion k, -2: padding
+    flat_index = torch.zeros((n, T), dtype=torch.int64)
+    targets = torch.zeros((n, T), dtype=torch.int64)
+    valid = torch.zeros((n, T), dtype=torch.bool)
+    loss_mask = torch.zeros((n, T), dtype=torch.float32)
+    k = 0
+    for r, row in enumerate(rows):
+        prompt = list(samples[row[0]].prompt_ids)
+        p = len(prompt)
+        tokens[r, :p] = torch.tensor(prompt, dtype=torch.int64)
+        position_ids[r, :p] = torch.arange(p)
+        owner[r, :p] = -1
+        offset = p
+        for i in row:
+            s = samples[i]
+            c = len(s.completion_ids)
+            body = c - 1  # the last completion token is only a target
+            tokens[r, offset : offset + body] = torch.tensor(list(s.completion_ids[:-1]), dtype=torch.int64)
+            position_ids[r, offset : offset + body] = p + torch.arange(body)
+            owner[r, offset : offset + body] = k
+            flat_index[k, 0] = r * S + p - 1
+            flat_index[k, 1:c] = r * S + offset + torch.arange(body)
+            targets[k, :c] = torch.tensor(s.completion_ids, dtype=torch.int64)
+            valid[k, :c] = True
+            loss_mask[k, :c] = torch.tensor(s.completion_mask, dtype=torch.float32)
+            offset += body
+            k += 1
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    key, query = owner.unsqueeze(1), owner.unsqueeze(2)
+    allowed = causal & ((key == -1) | (key == query))
+    return MicroBatch(
+        tokens=tokens,
+        position_ids=position_ids,
+        attention_mask=~allowed.unsqueeze(1),
+        flat_index=flat_index,
+        targets=targets,
+        valid=valid,
+        loss_mask=loss_mask,
+        advantages=torch.tensor([float(samples[i].advantage) for i in idx], dtype=torch.float32),
+        old_logprobs=_optional_matrix(samples, "old_logprobs", idx, T),
+        ref_logprobs=_optional_matrix(samples, "ref_logprobs", idx, T),
+        sample_index=idx,
+        real_tokens=int((owner >= -1).sum()),
+        rope_positions=True,
+        **_rollout_matrix(samples, idx, T),
+    )
+
+
+def prompt_groups(samples: Sequence[TrainSample]) -> list[list[int]]:
+    """Indices of samples with identical ``prompt_ids``, in order of first appearance."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        by_prompt.setdefault(tuple(s.prompt_ids), []).append(i)
+    return list(by_prompt.values())
+
+
+def _shared_layouts(
+    samples: Sequence[TrainSample], micro_batch_size: int, group_by_length: bool
+) -> list[list[list[int]]]:
+    """Prompt groups laid out one per row, whole groups per micro-batch: a micro-batch takes groups
+    while it holds at most ``micro_batch_size`` sequences (always at least one group)."""
+    groups = prompt_groups(samples)
+    if group_by_length:
+        groups.sort(key=lambda g: _shared_row_length(samples, g))
+    layouts: list[list[list[int]]] = []
+    count = 0
+    for g in groups:
+        if layouts and count + len(g) <= micro_batch_size:
+            layouts[-1].append(g)
+            count += len(g)
+        else:
+            layouts.append([g])
+            count = len(g)
+    return layouts
 
 
 def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -219,6 +323,7 @@ def make_micro_batches(
     uniform_shape: bool = False,
     pad_to_multiple_of: int = 1,
     group_by_length: bool = False,
+    share_prompts: bool = False,
 ) -> list[MicroBatch]:
     """Split ``samples`` into micro-batches.
 
@@ -230,10 +335,27 @@ def make_micro_batches(
     multiples of 16 tokens, sequence parallelism a multiple of TP). ``group_by_length`` (padding
     only) fills the micro-batches with the sequences in order of length (stable), so long hinted
     prompts do not make every micro-batch pad to their length; ``MicroBatch.sample_index`` keeps
-    each sequence's place in ``samples``.
+    each sequence's place in ``samples``. ``share_prompts``: one row per distinct prompt (see the
+    module docstring); micro-batches take whole prompt groups of at most ``micro_batch_size``
+    sequences in all (one group when a group is larger).
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+
+    def round_up(n: int) -> int:
+        return -(-n // pad_to_multiple_of) * pad_to_multiple_of
+
+    if share_prompts:
+        if max_tokens_per_micro_batch is not None:
+            raise ValueError("share_prompts and max_tokens_per_micro_batch (sequence packing) exclude each other; set one")
+        layouts = _shared_layouts(samples, micro_batch_size, group_by_length)
+        longest = max(_shared_row_length(samples, r) for rows in layouts for r in rows)
+        widest = max(len(rows) for rows in layouts)
+        return [
+            _build_shared(samples, rows, pad_token_id, (widest, round_up(longest)) if uniform_shape
+                          else (len(rows), round_up(max(_shared_row_length(samples, r) for r in rows))))
+            for rows in layouts
+        ]  # fmt: skip
     if max_tokens_per_micro_batch is None:
         order = list(range(len(samples)))
         if group_by_length:
@@ -243,9 +365,6 @@ def make_micro_batches(
     else:
         lengths = [len(s.prompt_ids) + len(s.completion_ids) - 1 for s in samples]
         layouts = [[row] for row in pack_rows(lengths, max_tokens_per_micro_batch)]
-    def round_up(n: int) -> int:
-        return -(-n // pad_to_multiple_of) * pad_to_multiple_of
-
     longest = max(_row_length(samples, r) for rows in layouts for r in rows)
     shapes = [
         (max(len(rows) for rows in layouts), round_up(longest)) if uniform_shape

@@ -54,12 +54,17 @@ class BatchingOptions:
     """Filler id for padding positions (never attended by real tokens, never in the loss)."""
     group_by_length: bool = False
     """Padding only: fill micro-batches with the sequences sorted by length (less padding)."""
+    share_prompts: bool = False
+    """One row per prompt group: the prompt is read once and its completions attend to it (local layer
+    spec; see ``megatron_ghpo.policy.batching``). Same log-probs, loss and gradients as padding."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={self.micro_batch_size}: must be >= 1")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 2:
             raise ValueError(f"max_tokens_per_micro_batch={self.max_tokens_per_micro_batch}: must be >= 2 or null")
+        if self.share_prompts and self.max_tokens_per_micro_batch is not None:
+            raise ValueError("share_prompts and max_tokens_per_micro_batch (sequence packing) exclude each other; set one")
 
 
 @dataclass(kw_only=True)

@@ -161,11 +161,18 @@ class MegatronPolicy(PolicyIO):
                 "sequence packing with the Transformer Engine layer spec (needs PackedSeqParams/THD); "
                 "use padding (max_tokens_per_micro_batch: null) or transformer_impl: local"
             )
+        if b.share_prompts and self.chunks[0].config.transformer_impl == "transformer_engine":
+            raise NotImplementedError(
+                "shared-prompt rows with the Transformer Engine layer spec (its fused attention takes no arbitrary "
+                "mask); set training.share_prompts: false or transformer_impl: local"
+            )
+        if b.share_prompts and self.layout.sequence_parallel:
+            raise NotImplementedError("shared-prompt rows with sequence parallelism; set training.share_prompts: false")
         return make_micro_batches(
             samples, micro_batch_size=b.micro_batch_size, max_tokens_per_micro_batch=b.max_tokens_per_micro_batch,
             pad_token_id=b.pad_token_id, uniform_shape=self.layout.vpp is not None,
             pad_to_multiple_of=math.lcm(16 if self.model_options.fp8 else 1, self.layout.tp if self.layout.sequence_parallel else 1),
-            group_by_length=b.group_by_length,
+            group_by_length=b.group_by_length, share_prompts=b.share_prompts,
         )  # fmt: skip
 
     def _check_same_batch(self, samples: list[TrainSample]) -> None:
@@ -270,7 +277,7 @@ class MegatronPolicy(PolicyIO):
         reports = run_schedule(self.chunks, mbs, spec, forward_only=False, device=self.layout.device)
         out = reduce_reports(reports, mode, reduction=reduction, num_microbatches=len(mbs), device=self.layout.device)
         # this replica's model input: real tokens (prompts included) and the padded [R, S] total
-        out["input_tokens"] = float(sum(len(s.prompt_ids) + len(s.completion_ids) - 1 for s in samples))
+        out["input_tokens"] = float(sum(mb.real_tokens for mb in mbs))
         out["padded_tokens"] = float(sum(mb.num_tokens for mb in mbs))
         return out
 

@@ -117,8 +117,11 @@ def loss_fn(spec: LossSpec, mb: MicroBatch, output: torch.Tensor):
 
 def forward_step(spec: LossSpec, device: torch.device, data_iterator: Iterator[MicroBatch], model):
     """Megatron forward step: run the chunk on the next micro-batch, defer the loss."""
+    from megatron_ghpo.policy.rope import rope_at_positions
+
     mb = next(data_iterator).to(device)
-    output = model(mb.tokens, mb.position_ids, mb.attention_mask)
+    with rope_at_positions(model, mb.position_ids if mb.rope_positions else None):
+        output = model(mb.tokens, mb.position_ids, mb.attention_mask)
     return output, partial(loss_fn, spec, mb)
 
 

@@ -45,6 +45,19 @@ def fixed_samples(n: int = 8, seed: int = 0) -> list[TrainSample]:
     return out
 
 
+def grouped_samples(groups: int = 3, size: int = 4, seed: int = 5) -> list[TrainSample]:
+    """``groups`` prompts with ``size`` completions each (GRPO groups), one completion of a single token."""
+    rng = random.Random(seed)
+    out = []
+    for g in range(groups):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(3, 9))]
+        for i in range(size):
+            c = 1 if (g, i) == (1, 2) else rng.randint(2, 8)
+            out.append(TrainSample(prompt_ids=prompt, completion_ids=[rng.randrange(VOCAB) for _ in range(c)],
+                                   advantage=rng.uniform(-1.5, 1.5), completion_mask=[1] * c))
+    return out
+
+
 def with_old_logprobs(samples: list[TrainSample], logprobs: list[list[float]], seed: int = 2) -> list[TrainSample]:
     """Samples whose sampling-time log-probs are the model's plus noise (σ = 0.15), so importance
     ratios differ from 1, some are clipped, and the loss value depends on the model."""

@@ -104,6 +104,8 @@ def reference(cfg, init, samples, results, loss_type="bnpo", scale_prefix="scale
 
 
 PACKED = BatchingOptions(micro_batch_size=2, max_tokens_per_micro_batch=40)
+GROUP_PADDED = BatchingOptions(micro_batch_size=4)  # one 4-completion group per micro-batch, as below
+GROUP_SHARED = BatchingOptions(micro_batch_size=4, share_prompts=True)
 
 
 def initial_model(cfg, init: Path) -> list:
@@ -153,10 +155,12 @@ def scenario_world2(out: Path, results: dict) -> None:
     results["resume/grad_norm"] = abs(resumed["train/grad_norm"] - continued["train/grad_norm"])
     results["resume/weights"] = C.all_max(max((t - after[n]).abs().max().item() for n, _p, t in C.global_items(pol, "param")))
     results["resume/iteration"] = float(pol.iteration)
+    shared_check("tp2", pol, results)
     pol.close(destroy_process_group=False)
 
     pol = make(cfg, pp=2, init=init)
     compare("pp2", ref, pol, run(pol, samples), results, weights_ref=w_ref, grads_ref=g_ref)
+    shared_check("pp2", pol, results)
     pol.close(destroy_process_group=False)
 
     for name, tp, pp in (("ckpt_tp2_to_tp1", 1, 1), ("ckpt_tp2_to_pp2", 1, 2)):
@@ -266,6 +270,27 @@ def packed_check(pol, share, ref, ref_grads, results) -> None:
     results["dp2_dapo_packed/grads"] = C.max_diff(pol, ref_grads, "grad")
     results["dp2_dapo_packed/logprobs"] = C.list_diff(pol.compute_logprobs(C.batch(share)), [ref["logprobs"][i] for i in _share_index(pol, share)])
     pol.batching = padded
+
+
+def shared_check(name: str, pol, results) -> None:
+    """Shared-prompt rows (each prompt read once, its completions attending to it, RoPE at their own
+    positions) give the padded layout's log-probs, loss, reference log-probs and gradients, with the
+    same micro-batch composition (one group each)."""
+    samples, before = C.grouped_samples(), pol.batching
+    seen = {}
+    for key, batching in (("padded", GROUP_PADDED), ("shared", GROUP_SHARED)):
+        pol.batching = batching
+        lp = pol.compute_logprobs(C.batch(samples))
+        report = pol.forward_backward(samples)
+        grads = {n: t.detach().clone().float() for n, _p, t in C.global_items(pol, "grad")}
+        seen[key] = (lp, report, grads)
+    pol.batching = before
+    (lp_a, rep_a, g_a), (lp_b, rep_b, g_b) = seen["padded"], seen["shared"]
+    results[f"{name}_shared/logprobs"] = C.list_diff(lp_a, lp_b)
+    results[f"{name}_shared/loss"] = abs(rep_a["loss"] - rep_b["loss"])
+    results[f"{name}_shared/grads"] = C.all_max(max((g_a[n] - g_b[n]).abs().max().item() for n in g_a))
+    results[f"{name}_shared/input_tokens"] = rep_b["input_tokens"]
+    results[f"{name}_shared/input_tokens_padded"] = rep_a["input_tokens"]
 
 
 def _share_index(pol, share) -> list[int]:

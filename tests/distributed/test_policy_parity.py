@@ -78,6 +78,12 @@ def test_tp2_pp2_dp2_vpp_checkpoint_nan_packing(tmp_path: Path) -> None:
     # Resume at the saved layout (model + optimizer + schedule) continues exactly.
     assert r["resume/loss"] == 0.0 and r["resume/grad_norm"] == 0.0 and r["resume/weights"] == 0.0, r
     assert r["resume/iteration"] == 2.0, r
+    # Shared-prompt rows at TP=2 and PP=2 equal the padded layout; the prompts are read once per group.
+    for layout in ("tp2_shared", "pp2_shared"):
+        for quantity in ("logprobs", "loss", "grads"):
+            bound = RTOL[quantity] * r[f"scale/{quantity}"]
+            assert r[f"{layout}/{quantity}"] <= bound, f"{layout}/{quantity}: {r[f'{layout}/{quantity}']:.3e} > {bound:.3e}"
+        assert r[f"{layout}/input_tokens"] < r[f"{layout}/input_tokens_padded"], r
     assert r["schedule/max_lr_diff"] < 1e-12, f"warm-up + cosine schedule off by {r['schedule/max_lr_diff']:.3e}"
     # SFT: a global token mean, whatever the DP split; equal to the mean NLL computed directly.
     assert r["sft/loss"] <= 1e-6 * r["sft/scale_loss"] and r["sft/loss_vs_direct"] <= 1e-5 * r["sft/scale_loss"], r

@@ -117,6 +117,12 @@ def test_field_rules(override, message):
         load_config(None, [override])
 
 
+def test_share_prompts_excludes_sequence_packing():
+    assert load_config(None, ["share_prompts=true"]).training.share_prompts is True
+    with pytest.raises(ConfigError, match=r"share_prompts=True: cannot be combined with sequence_packing: true"):
+        load_config(None, ["share_prompts=true", "sequence_packing=true"])
+
+
 def test_scale_rewards_accepts_the_seed_booleans():
     assert load_config(None, ["scale_rewards=true"]).algorithm.scale_rewards == "group"
     assert load_config(None, ["scale_rewards=false"]).algorithm.scale_rewards == "none"

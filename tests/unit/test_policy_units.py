@@ -117,6 +117,49 @@ def test_group_by_length_fills_micro_batches_shortest_first() -> None:
             assert mb.targets[row, : len(s.completion_ids)].tolist() == list(s.completion_ids)
 
 
+def test_shared_prompt_rows_read_each_prompt_once_at_the_padded_positions() -> None:
+    prompt_a, prompt_b = [5, 6, 7], [8, 9]
+    samples = [
+        TrainSample(prompt_ids=prompt_a, completion_ids=[20, 21, 22], advantage=1.0, completion_mask=[1, 1, 0]),
+        TrainSample(prompt_ids=prompt_b, completion_ids=[30], advantage=0.5, completion_mask=[1]),
+        TrainSample(prompt_ids=prompt_a, completion_ids=[23, 24], advantage=-1.0, completion_mask=[1, 1]),
+    ]
+    (mb,) = make_micro_batches(samples, micro_batch_size=8, share_prompts=True)
+    assert mb.rope_positions and mb.sample_index == [0, 2, 1]
+    # row 0: prompt A once, then completion 0 (20, 21) and completion 2 (23); row 1: prompt B (completion [30]
+    # has no input token of its own: its only token is scored at the prompt's end)
+    assert mb.tokens.tolist() == [[5, 6, 7, 20, 21, 23], [8, 9, 0, 0, 0, 0]]
+    assert mb.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3]  # each completion continues from the prompt's end
+    assert mb.real_tokens == 6 + 2
+    flat = mb.tokens.reshape(-1)
+    assert mb.flat_index[0, :3].tolist() == [2, 3, 4] and mb.flat_index[1, :2].tolist() == [2, 5]
+    assert mb.flat_index[2, 0].item() == 6 + 1
+    assert flat[mb.flat_index[0, 1:3]].tolist() == [20, 21]  # token t is scored where token t-1 is read
+    assert mb.targets.tolist() == [[20, 21, 22], [23, 24, 0], [30, 0, 0]]
+    assert mb.loss_mask.tolist() == [[1, 1, 0], [1, 1, 0], [1, 0, 0]]
+    m = mb.attention_mask[0, 0]  # True = masked
+    assert not m[5, 0] and not m[5, 2] and not m[5, 5], "completion 2 sees the prompt and itself"
+    assert m[5, 3] and m[5, 4], "completion 2 never sees completion 0"
+    assert not m[4, 3] and m[2, 3], "causal inside a completion; the prompt never sees a completion"
+    # padded layout of the same samples: the same targets per sequence, more input tokens
+    padded = make_micro_batches(samples, micro_batch_size=8)
+    assert sum(p.real_tokens for p in padded) == 5 + 2 + 4 > mb.real_tokens
+
+
+def test_shared_prompt_micro_batches_take_whole_groups() -> None:
+    groups = [[TrainSample(prompt_ids=[g + 1] * (g + 2), completion_ids=[7] * (4 - g), advantage=0.0, completion_mask=[1] * (4 - g))
+               for _ in range(3)] for g in range(3)]
+    samples = [s for grp in groups for s in grp]
+    mbs = make_micro_batches(samples, micro_batch_size=6, share_prompts=True)
+    assert [mb.sample_index for mb in mbs] == [[0, 1, 2, 3, 4, 5], [6, 7, 8]]
+    by_length = make_micro_batches(samples, micro_batch_size=4, share_prompts=True, group_by_length=True)
+    assert [mb.sample_index for mb in by_length] == [[6, 7, 8], [3, 4, 5], [0, 1, 2]]  # rows of 7, 9, 11 tokens
+    uniform = make_micro_batches(samples, micro_batch_size=6, share_prompts=True, uniform_shape=True, pad_to_multiple_of=4)
+    assert [tuple(mb.tokens.shape) for mb in uniform] == [(2, 12), (2, 12)]
+    with pytest.raises(ValueError, match="share_prompts and max_tokens_per_micro_batch"):
+        make_micro_batches(samples, share_prompts=True, max_tokens_per_micro_batch=64)
+
+
 def test_validate_samples_names_the_row() -> None:
     with pytest.raises(ValueError, match=r"samples\[1\]\.completion_mask has 1 entries for 2"):
         validate_samples([_sample(1, 1), TrainSample(prompt_ids=[1], completion_ids=[2, 3], advantage=0.0, completion_mask=[1])])

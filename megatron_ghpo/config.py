@@ -288,10 +288,14 @@ class TrainingConfig:
     attends to it, so a group of G costs P + sum(completions) input tokens instead of G*(P + ...).
     Same log-probs, loss and gradients as padding; micro-batches take whole groups. Needs
     ``transformer_impl: local`` (arbitrary attention mask) and no sequence parallelism."""
+    shared_row_tokens: int = 256
+    """With ``share_prompts``: at most this many tokens per row; a group that does not fit takes several
+    rows, each holding the prompt once (the mask is dense: a row of S tokens costs S² attention work)."""
 
     def __post_init__(self) -> None:
         _require(not (self.share_prompts and self.sequence_packing), "share_prompts", self.share_prompts,
                  "cannot be combined with sequence_packing: true (set one of them)")
+        _require(self.shared_row_tokens >= 2, "shared_row_tokens", self.shared_row_tokens, "must be >= 2")
         _require(self.per_device_train_batch_size >= 1, "per_device_train_batch_size",
                  self.per_device_train_batch_size, "must be >= 1")
         _require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",

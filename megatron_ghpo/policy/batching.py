@@ -11,8 +11,8 @@ logits at position ``j`` score token ``j + 1``, so completion token ``t`` is sco
 * packed: several sequences concatenated into one row of at most ``max_tokens`` tokens, with a
   block-diagonal causal mask. RoPE is relative, so a sequence's attention scores do not depend on
   its offset in the row (up to float rounding of the rotary angles).
-* shared prompts: one row per prompt — the prompt once, then each of its completions (all but the
-  last token), every completion attending to the prompt and causally to itself only. The logits at
+* shared prompts: one row per prompt (or per few of its completions, up to a row length) — the
+  prompt once, then each of its completions (all but the last token), every completion attending to the prompt and causally to itself only. The logits at
   the prompt's last position score the first token of every completion. Each completion token
   keeps the position it has in ``prompt + completion`` (``position_ids``; the model must apply
   RoPE at these positions, ``MicroBatch.rope_positions``), so every log-prob equals the padded
@@ -270,23 +270,39 @@ def prompt_groups(samples: Sequence[TrainSample]) -> list[list[int]]:
     return list(by_prompt.values())
 
 
+def shared_rows(samples: Sequence[TrainSample], max_row_tokens: int | None = None) -> list[list[int]]:
+    """Prompt groups cut into rows: each group is split into the fewest rows of equal numbers of
+    completions (in order) that keep every row within ``max_row_tokens`` (a single completion may
+    exceed it). The attention mask is dense, so a row of S tokens costs S² attention work: a few
+    completions per row read the prompt fewer times without paying for one very long row."""
+    rows: list[list[int]] = []
+    for group in prompt_groups(samples):
+        for n in range(1, len(group) + 1):
+            size = -(-len(group) // n)
+            cut = [group[a : a + size] for a in range(0, len(group), size)]
+            if max_row_tokens is None or size == 1 or all(_shared_row_length(samples, r) <= max_row_tokens for r in cut):
+                break
+        rows.extend(cut)
+    return rows
+
+
 def _shared_layouts(
-    samples: Sequence[TrainSample], micro_batch_size: int, group_by_length: bool
+    samples: Sequence[TrainSample], micro_batch_size: int, group_by_length: bool, max_row_tokens: int | None
 ) -> list[list[list[int]]]:
-    """Prompt groups laid out one per row, whole groups per micro-batch: a micro-batch takes groups
-    while it holds at most ``micro_batch_size`` sequences (always at least one group)."""
-    groups = prompt_groups(samples)
+    """Shared rows per micro-batch: a micro-batch takes rows (in order, or by length) while it holds at
+    most ``micro_batch_size`` sequences (always at least one row)."""
+    rows = shared_rows(samples, max_row_tokens)
     if group_by_length:
-        groups.sort(key=lambda g: _shared_row_length(samples, g))
+        rows.sort(key=lambda r: _shared_row_length(samples, r))
     layouts: list[list[list[int]]] = []
     count = 0
-    for g in groups:
-        if layouts and count + len(g) <= micro_batch_size:
-            layouts[-1].append(g)
-            count += len(g)
+    for row in rows:
+        if layouts and count + len(row) <= micro_batch_size:
+            layouts[-1].append(row)
+            count += len(row)
         else:
-            layouts.append([g])
-            count = len(g)
+            layouts.append([row])
+            count = len(row)
     return layouts
 
 
@@ -324,6 +340,7 @@ def make_micro_batches(
     pad_to_multiple_of: int = 1,
     group_by_length: bool = False,
     share_prompts: bool = False,
+    max_row_tokens: int | None = None,
 ) -> list[MicroBatch]:
     """Split ``samples`` into micro-batches.
 
@@ -335,9 +352,9 @@ def make_micro_batches(
     multiples of 16 tokens, sequence parallelism a multiple of TP). ``group_by_length`` (padding
     only) fills the micro-batches with the sequences in order of length (stable), so long hinted
     prompts do not make every micro-batch pad to their length; ``MicroBatch.sample_index`` keeps
-    each sequence's place in ``samples``. ``share_prompts``: one row per distinct prompt (see the
-    module docstring); micro-batches take whole prompt groups of at most ``micro_batch_size``
-    sequences in all (one group when a group is larger).
+    each sequence's place in ``samples``. ``share_prompts``: rows of one prompt and its completions
+    (see the module docstring), at most ``max_row_tokens`` tokens each (:func:`shared_rows`);
+    micro-batches take rows of at most ``micro_batch_size`` sequences in all (at least one row).
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -348,7 +365,7 @@ def make_micro_batches(
     if share_prompts:
         if max_tokens_per_micro_batch is not None:
             raise ValueError("share_prompts and max_tokens_per_micro_batch (sequence packing) exclude each other; set one")
-        layouts = _shared_layouts(samples, micro_batch_size, group_by_length)
+        layouts = _shared_layouts(samples, micro_batch_size, group_by_length, max_row_tokens)
         longest = max(_shared_row_length(samples, r) for rows in layouts for r in rows)
         widest = max(len(rows) for rows in layouts)
         return [

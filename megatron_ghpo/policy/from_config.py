@@ -63,7 +63,8 @@ def policy_kwargs(cfg: Any, *, total_steps: int | None = None, mode: str = "rl")
             max_completion_length=r.max_completion_length,
         ),
         "batching": BatchingOptions(micro_batch_size=t.per_device_train_batch_size, max_tokens_per_micro_batch=packing,
-                                    group_by_length=t.group_by_length, share_prompts=t.share_prompts),
+                                    group_by_length=t.group_by_length, share_prompts=t.share_prompts,
+                                    shared_row_tokens=t.shared_row_tokens),
     }  # fmt: skip
 
 

@@ -57,12 +57,17 @@ class BatchingOptions:
     share_prompts: bool = False
     """One row per prompt group: the prompt is read once and its completions attend to it (local layer
     spec; see ``megatron_ghpo.policy.batching``). Same log-probs, loss and gradients as padding."""
+    shared_row_tokens: int | None = 256
+    """With ``share_prompts``: at most this many tokens per row (a row always holds one completion);
+    a group longer than that takes several rows, each with the prompt. None: one row per group."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={self.micro_batch_size}: must be >= 1")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 2:
             raise ValueError(f"max_tokens_per_micro_batch={self.max_tokens_per_micro_batch}: must be >= 2 or null")
+        if self.shared_row_tokens is not None and self.shared_row_tokens < 2:
+            raise ValueError(f"shared_row_tokens={self.shared_row_tokens}: must be >= 2 or null")
         if self.share_prompts and self.max_tokens_per_micro_batch is not None:
             raise ValueError("share_prompts and max_tokens_per_micro_batch (sequence packing) exclude each other; set one")
 

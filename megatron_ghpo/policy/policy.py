@@ -172,7 +172,7 @@ class MegatronPolicy(PolicyIO):
             samples, micro_batch_size=b.micro_batch_size, max_tokens_per_micro_batch=b.max_tokens_per_micro_batch,
             pad_token_id=b.pad_token_id, uniform_shape=self.layout.vpp is not None,
             pad_to_multiple_of=math.lcm(16 if self.model_options.fp8 else 1, self.layout.tp if self.layout.sequence_parallel else 1),
-            group_by_length=b.group_by_length, share_prompts=b.share_prompts,
+            group_by_length=b.group_by_length, share_prompts=b.share_prompts, max_row_tokens=b.shared_row_tokens,
         )  # fmt: skip
 
     def _check_same_batch(self, samples: list[TrainSample]) -> None:

@@ -45,7 +45,7 @@ def rope_at_positions(model: Any, position_ids: torch.Tensor | None) -> Iterator
     if "forward" in vars(rope):
         raise RuntimeError("rope_at_positions is already active on this model chunk (nested forward?)")
     own_forward = rope.forward
-    rows, seq = position_ids.shape
+    seq = position_ids.shape[1]
 
     def forward(max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group: Any = None) -> torch.Tensor:
         if packed_seq or offset:

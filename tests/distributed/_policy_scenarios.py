@@ -105,7 +105,7 @@ def reference(cfg, init, samples, results, loss_type="bnpo", scale_prefix="scale
 
 PACKED = BatchingOptions(micro_batch_size=2, max_tokens_per_micro_batch=40)
 GROUP_PADDED = BatchingOptions(micro_batch_size=4)  # one 4-completion group per micro-batch, as below
-GROUP_SHARED = BatchingOptions(micro_batch_size=4, share_prompts=True)
+GROUP_SHARED = BatchingOptions(micro_batch_size=4, share_prompts=True, shared_row_tokens=20)  # rows of 2 and 4
 
 
 def initial_model(cfg, init: Path) -> list:

@@ -110,6 +110,7 @@ def test_overrides_are_typed():
         ("max_steps=0", r"max_steps=0"),
         ("save_total_limit=0", r"save_total_limit=0"),
         ("transformer_impl=te", r"transformer_impl='te': must be one of"),
+        ("shared_row_tokens=1", r"shared_row_tokens=1: must be >= 2"),
     ],
 )
 def test_field_rules(override, message):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_ghpo.policy.batching import make_micro_batches, pack_rows, validate_samples
+from megatron_ghpo.policy.batching import make_micro_batches, pack_rows, shared_rows, validate_samples
 from megatron_ghpo.policy.hf_arch import hf_arch
 from megatron_ghpo.policy.model import padded_vocab_size
 from megatron_ghpo.policy.optimizer import OptimizerOptions
@@ -146,18 +146,28 @@ def test_shared_prompt_rows_read_each_prompt_once_at_the_padded_positions() -> N
     assert sum(p.real_tokens for p in padded) == 5 + 2 + 4 > mb.real_tokens
 
 
-def test_shared_prompt_micro_batches_take_whole_groups() -> None:
+def test_shared_prompt_rows_split_long_groups_and_fill_micro_batches() -> None:
     groups = [[TrainSample(prompt_ids=[g + 1] * (g + 2), completion_ids=[7] * (4 - g), advantage=0.0, completion_mask=[1] * (4 - g))
                for _ in range(3)] for g in range(3)]
-    samples = [s for grp in groups for s in grp]
+    samples = [s for grp in groups for s in grp]  # rows of 11, 9 and 7 tokens (prompt g + 2, bodies 3 - g)
     mbs = make_micro_batches(samples, micro_batch_size=6, share_prompts=True)
     assert [mb.sample_index for mb in mbs] == [[0, 1, 2, 3, 4, 5], [6, 7, 8]]
     by_length = make_micro_batches(samples, micro_batch_size=4, share_prompts=True, group_by_length=True)
-    assert [mb.sample_index for mb in by_length] == [[6, 7, 8], [3, 4, 5], [0, 1, 2]]  # rows of 7, 9, 11 tokens
+    assert [mb.sample_index for mb in by_length] == [[6, 7, 8], [3, 4, 5], [0, 1, 2]]
     uniform = make_micro_batches(samples, micro_batch_size=6, share_prompts=True, uniform_shape=True, pad_to_multiple_of=4)
     assert [tuple(mb.tokens.shape) for mb in uniform] == [(2, 12), (2, 12)]
     with pytest.raises(ValueError, match="share_prompts and max_tokens_per_micro_batch"):
         make_micro_batches(samples, share_prompts=True, max_tokens_per_micro_batch=64)
+    # a group that does not fit a row is cut into the fewest rows of equal size that do
+    eight = [TrainSample(prompt_ids=[3] * 5, completion_ids=[4] * 11, advantage=0.0, completion_mask=[1] * 11)
+             for _ in range(8)]  # one row: 5 + 8 x 10 = 85 tokens
+    assert shared_rows(eight, None) == [list(range(8))]
+    assert shared_rows(eight, 85) == [list(range(8))]
+    assert shared_rows(eight, 84) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 45 tokens each
+    assert shared_rows(eight, 30) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert shared_rows(eight, 10) == [[i] for i in range(8)]  # a single completion may exceed the budget
+    (mb,) = make_micro_batches(eight, micro_batch_size=8, share_prompts=True, max_row_tokens=30)
+    assert tuple(mb.tokens.shape) == (4, 25) and mb.real_tokens == 4 * 25
 
 
 def test_validate_samples_names_the_row() -> None:

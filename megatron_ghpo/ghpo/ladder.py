@@ -19,10 +19,11 @@ Multi-rank contract (deterministic and deadlock-free): ``any_global(flag)`` is a
 from __future__ import annotations
 
 import hashlib
-
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from megatron_ghpo.call_metrics import combine_call_metrics
 from megatron_ghpo.ghpo.difficulty import check_scored, is_difficult, is_solved
 from megatron_ghpo.records import Completion, Group, Problem, Prompt
 from megatron_ghpo.rollout.base import RolloutEngine, SamplingParams, StreamingRolloutEngine
@@ -68,6 +69,7 @@ class RoundContext:
     step: int
     round_index: int
     score_metrics: dict[str, float] = field(default_factory=dict)
+    """Metrics of the round's scorer calls and engine time, combined over calls (``call_metrics``)."""
 
     @property
     def top(self) -> int:
@@ -111,11 +113,14 @@ def _check_completions(ctx: RoundContext, uid: str, comps: list[Completion]) -> 
 def _score(ctx: RoundContext, groups: list[Group]) -> None:
     if not groups:
         return
-    metrics = ctx.score(groups) or {}
-    for key, value in metrics.items():
-        ctx.score_metrics[key] = ctx.score_metrics.get(key, 0.0) + float(value)
+    combine_call_metrics(ctx.score_metrics, ctx.score(groups) or {})
     for g in groups:
         check_scored(g)
+
+
+def _add_seconds(ctx: RoundContext, started: float) -> None:
+    """Wall time spent inside the engine, reported as ``perf/generate_s`` (summed over the step)."""
+    combine_call_metrics(ctx.score_metrics, {"perf/generate_s": time.perf_counter() - started})
 
 
 def _settle(ctx: RoundContext, slot: Slot, group: Group) -> None:
@@ -172,7 +177,9 @@ def run_batched(ctx: RoundContext, slots: list[Slot]) -> int:
         if not active:
             continue
         prompts = [_prompt_for(ctx, s) for s in active]
+        t0 = time.perf_counter()
         outs = ctx.engine.generate([pr.token_ids for pr in prompts], ctx.sampling)
+        _add_seconds(ctx, t0)
         if len(outs) != len(prompts):
             raise RuntimeError(f"engine returned {len(outs)} groups for {len(prompts)} prompts")
         groups = [_make_group(ctx, s, pr, c) for s, pr, c in zip(active, prompts, outs)]
@@ -202,7 +209,9 @@ def run_streaming(ctx: RoundContext, slots: list[Slot]) -> int:
     for s in slots:
         submit(s)
     while engine.has_pending():
+        t0 = time.perf_counter()
         finished = engine.poll()
+        _add_seconds(ctx, t0)
         if not finished:
             raise RuntimeError("StreamingRolloutEngine.poll returned nothing while requests are pending")
         batch: list[tuple[Slot, Group]] = []

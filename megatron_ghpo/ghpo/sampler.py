@@ -5,8 +5,9 @@ directly, so a single process, a test double and a multi-rank run share one code
 
 * ``render(problem, ratio) -> Prompt``: the chat-templated prompt whose user turn is
   ``hinted_user_text(problem, ratio, options)`` (ratio 0 = unhinted); must set ``hint_ratio``.
-* ``score(groups) -> metrics``: fills ``group.rewards`` / ``group.accuracy`` in place; its metric
-  values are summed over the step's calls (report counts).
+* ``score(groups) -> metrics``: fills ``group.rewards`` / ``group.accuracy`` in place; its metrics
+  are combined over the step's calls by :func:`megatron_ghpo.call_metrics.combine_call_metrics`
+  (counts summed; a mean reported with its ``<key>:n`` count averaged over all calls' items).
 * ``any_global(flag) -> bool``: all-reduce "true on any data-parallel rank" (identity on one rank).
   Call pattern: see :mod:`megatron_ghpo.ghpo.ladder`; every rank makes the same calls.
 * ``refill(n) -> problems``: up to n fresh problems for DAPO dynamic sampling.
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_ghpo.call_metrics import finished
 from megatron_ghpo.ghpo.difficulty import is_difficult, is_solved
 from megatron_ghpo.ghpo.hints import hint_prefix
 from megatron_ghpo.ghpo.ladder import RoundContext, Slot, run_batched, run_streaming
@@ -229,7 +231,7 @@ class GHPOSampler:
         if self.options.dynamic_sampling:
             groups, extra = self._dynamic_sampling(groups, len(problems), step, stats, score_metrics)
         metrics = stats.finish(groups, extra)
-        metrics.update(score_metrics)
+        metrics.update(finished(score_metrics))
         return SampleResult(groups=groups, metrics=metrics)
 
     def _dynamic_sampling(

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_ghpo.call_metrics import MEAN_COUNT
 from megatron_ghpo.records import Group
 from megatron_ghpo.rewards.default_pool import get_default_pool
 from megatron_ghpo.rewards.functions import RewardFunc
@@ -95,7 +96,8 @@ class RewardScorer:
         """Fill ``rewards``, ``accuracy`` and ``reward_components`` of every group; return metrics.
 
         Metrics: ``reward/<name>`` (mean over non-None values, NaN when all are None),
-        ``reward/total``, and ``reward/timeouts`` / ``reward/verifier_errors`` (verifier-pool task
+        ``reward/total``, each with its count under ``<key>:n`` (:data:`MEAN_COUNT`, so a caller
+        combines several calls into one mean: :func:`megatron_ghpo.ghpo.metrics.combine_call_metrics`), and ``reward/timeouts`` / ``reward/verifier_errors`` (verifier-pool task
         outcomes of this call; 0 when no configured function uses the pool).
         """
         texts: list[str] = []
@@ -151,7 +153,9 @@ class RewardScorer:
         for name, vals in components.items():
             present = [v for v in vals if v is not None]
             metrics[f"reward/{name}"] = sum(present) / len(present) if present else float("nan")
+            metrics[f"reward/{name}{MEAN_COUNT}"] = float(len(present))
         metrics["reward/total"] = sum(totals) / len(totals)
+        metrics[f"reward/total{MEAN_COUNT}"] = float(len(totals))
         delta = (pool.thread_counters() if pool is not None else VerifierCounters()) - before
         metrics["reward/timeouts"] = float(delta.timeouts)
         metrics["reward/verifier_errors"] = float(delta.errors + delta.crashes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,19 @@ class Refill:
     def __call__(self, count: int):
         self.round += 1
         return self.stream.refill(self.step, self.round, count)
+
+
+def timed_scoring(score):
+    """The sampler's score callable, also reporting its wall time as ``perf/score_s`` (summed over the
+    step's calls: verification runs inside the rollout stage, between generation passes)."""
+
+    def timed(groups: list[Group]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = dict(score(groups) or {})
+        metrics["perf/score_s"] = time.perf_counter() - t0
+        return metrics
+
+    return timed
 
 
 def engine_dtype(cfg: Config) -> str:
@@ -287,7 +301,7 @@ def build_components(cfg: Config, *, resume_step: int) -> Components:
         streaming = g.streaming and isinstance(c.engine, StreamingRolloutEngine)
         c.refill = Refill(stream)
         c.sampler = GHPOSampler(
-            engine=c.engine, render=c.renderer.render, score=c.scorer.score_groups, sampling=c.sampling,
+            engine=c.engine, render=c.renderer.render, score=timed_scoring(c.scorer.score_groups), sampling=c.sampling,
             options=ghpo_options(cfg, streaming=streaming), any_global=lambda f: any_across_leaders(f, groups),
             memory=c.memory, gather_objects=(lambda obj: gather_across_leaders(obj, groups)),
             refill=c.refill if g.dynamic_sampling else None,

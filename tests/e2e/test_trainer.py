@@ -80,6 +80,8 @@ def test_ghpo_steps_train_and_sync_into_the_engine(workspace):
         assert r["rollout/sync_max_logprob_diff"] <= 1e-4, r["rollout/sync_max_logprob_diff"]
         assert r["rollout/weight_version"] == r["step"]
         assert r["perf/padded_tokens"] >= r["perf/input_tokens"] > r["train/num_tokens"] > 0
+        assert 0 < r["perf/score_s"] + r["perf/generate_s"] < r["perf/rollout_s"]
+        assert 0.0 <= r["reward/accuracy"] <= 1.0  # a mean over all scored completions, however many calls
     assert any(r["train/grad_norm"] > 0 for r in rows), "no step had a learning signal"
     assert (out / "config.yaml").is_file()
     ckpt = out / "checkpoints" / "step_3"

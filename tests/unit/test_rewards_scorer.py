@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from megatron_ghpo.call_metrics import combine_call_metrics, finished
 from megatron_ghpo.records import Completion, Group, Problem, Prompt
 from megatron_ghpo.rewards import RewardScorer, VerifierPool, accuracy_reward, format_reward, get_reward_funcs
 
@@ -56,6 +57,24 @@ def test_weighted_sum_excludes_none_and_fills_groups(pool):
     assert metrics["reward/half_or_none"] == 0.5
     assert metrics["reward/total"] == pytest.approx((2.5 + 0 + 2 + 1 + 0) / 5)
     assert metrics["reward/timeouts"] == 0.0
+    # scored one group per call (as the streaming ladder does), the combined step metrics are the
+    # same means over all completions, and counts add up
+    total: dict[str, float] = {}
+    for g in (g1, g2):
+        combine_call_metrics(total, scorer.score_groups([g]))
+    combined = finished(total)
+    for key in ("reward/accuracy", "reward/half_or_none", "reward/total", "reward/timeouts"):
+        assert combined[key] == pytest.approx(metrics[key]), key
+    assert not any(k.endswith(":n") for k in combined)
+
+
+def test_combined_means_ignore_empty_calls_and_sum_counts():
+    total: dict[str, float] = {}
+    combine_call_metrics(total, {"m": float("nan"), "m:n": 0.0, "c": 1.0})
+    assert math.isnan(finished(total)["m"])
+    combine_call_metrics(total, {"m": 1.0, "m:n": 1.0, "c": 2.0})
+    combine_call_metrics(total, {"m": 0.25, "m:n": 4.0, "c": 0.0})
+    assert finished(total) == {"m": pytest.approx(2.0 / 5.0), "c": 3.0}
 
 
 def test_accuracy_is_found_by_name_not_position_and_optional(pool):

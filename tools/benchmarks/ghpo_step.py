@@ -69,6 +69,8 @@ KEYS = [
     "perf/input_tokens",
     "perf/padded_tokens",
     "perf/rollout_s",
+    "perf/generate_s",
+    "perf/score_s",
     "perf/train_s",
     "perf/sync_s",
     "perf/step_s",

@@ -131,6 +131,12 @@ class RolloutConfig:
     """How long the trainer waits for the server to come up."""
     rollout_server_shutdown_on_close: bool = True
     """Stop the server when training ends (so a split Slurm job finishes)."""
+    rollout_workers: Literal["auto", "all", "leaders"] = "auto"
+    """Which ranks generate. `all`: every rank's colocated engine samples a consecutive share of its
+    data-parallel replica's prompts (every engine gets the weights after each step), so no rank of a
+    TP/PP group idles during the rollout. `leaders`: one rank per replica generates, the others wait.
+    `auto`: `all`, except `leaders` with `rollout_mode: server` or `dynamic_sampling` (whose refill
+    rounds are drawn per leader)."""
     check_weight_sync: bool = False
     """After every sync, score one trained sequence with the engine and the policy at temperature 1
     and log the largest log-prob difference (`rollout/sync_max_logprob_diff`); costs one small forward."""
@@ -373,9 +379,19 @@ class Config:
         t = self.training
         return t.per_device_train_batch_size * self.data_parallel_size(world_size) * t.gradient_accumulation_steps
 
+    def all_ranks_roll_out(self) -> bool:
+        """Whether every rank generates (see ``rollout.rollout_workers``)."""
+        r = self.rollout
+        leaders_only = r.rollout_mode == "server" or self.ghpo.dynamic_sampling
+        if r.rollout_workers == "all" and leaders_only:
+            why = "rollout_mode: server" if r.rollout_mode == "server" else "dynamic_sampling: true"
+            raise ConfigError(f"rollout_workers='all' cannot be used with {why}; set rollout_workers: leaders (or auto)")
+        return r.rollout_workers != "leaders" and not leaders_only
+
     def validate(self, world_size: int, model_dims: dict | None = None) -> None:
         """Rules spanning sections. ``model_dims``: num_attention_heads, num_key_value_heads,
         num_hidden_layers of the model when known (read from its config.json)."""
+        self.all_ranks_roll_out()
         dp = self.data_parallel_size(world_size)
         t, g = self.training, self.rollout.num_generations
         total = self.global_batch_completions(world_size)

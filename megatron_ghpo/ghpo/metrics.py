@@ -96,6 +96,24 @@ class StepStats:
         if is_difficult(slot.group):
             self.difficult_at[slot.generated[-1]] += 1
 
+    def merged(self, others: list[StepStats]) -> StepStats:
+        """These counters plus other workers' for the same step: counts summed, generation passes
+        kept (every worker counts the same global passes), unhinted accuracies pooled."""
+        out = StepStats(rungs=self.rungs, num_stages=self.num_stages)
+        for s in [self, *others]:
+            if s.num_stages != self.num_stages or s.passes != self.passes:
+                raise ValueError(
+                    f"cannot merge step stats of different ladders or passes ({s.num_stages} stages / {s.passes} passes "
+                    f"vs {self.num_stages} / {self.passes})"
+                )
+            for name in ("entered", "unsolved", "unhintable", "generated", "regenerated", "nan_groups",
+                         "memory_started", "memory_skipped", "skipped_stages"):  # fmt: skip
+                setattr(out, name, getattr(out, name) + getattr(s, name))
+            out.difficult_at = [a + b for a, b in zip(out.difficult_at, s.difficult_at)]
+            out.unhinted_acc.extend(s.unhinted_acc)
+        out.passes = self.passes
+        return out
+
     def finish(self, trained: list[Group], extra: dict[str, float]) -> dict[str, float]:
         """The step's metrics dict (see the module docstring)."""
         m: dict[str, float] = {}

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_ghpo.call_metrics import finished
+from megatron_ghpo.call_metrics import combine_call_metrics, finished
 from megatron_ghpo.ghpo.difficulty import is_difficult, is_solved
 from megatron_ghpo.ghpo.hints import hint_prefix
 from megatron_ghpo.ghpo.ladder import RoundContext, Slot, run_batched, run_streaming
@@ -42,10 +42,40 @@ def _identity(flag: bool) -> bool:
 
 @dataclass(kw_only=True)
 class SampleResult:
-    """The groups to train on (same count as the problems asked for) and the step's metrics."""
+    """The groups to train on (same count as the problems asked for) and the step's metrics.
+
+    ``stats`` and ``call_metrics`` are what ``metrics`` was computed from; :func:`merge_results`
+    combines the results of several rollout workers that sampled shares of one batch."""
 
     groups: list[Group]
     metrics: dict[str, float]
+    stats: StepStats | None = None
+    call_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def merge_results(parts: list[SampleResult]) -> SampleResult:
+    """One result from the results of workers that sampled consecutive shares of one step's problems
+    (same step, same collective ladder decisions): groups in worker order, counters summed,
+    generation passes as run (the same on every worker), scorer means averaged over all items,
+    wall times (``perf/*``) the slowest worker's. Not for dynamic sampling (its refill rounds are
+    per-worker decisions)."""
+    if not parts:
+        raise ValueError("merge_results needs at least one worker's result")
+    if any(p.stats is None for p in parts):
+        raise ValueError("merge_results needs each worker's StepStats (SampleResult.stats)")
+    stats = parts[0].stats.merged([p.stats for p in parts[1:]])  # type: ignore[union-attr]
+    groups = [g for p in parts for g in p.groups]
+    calls: dict[str, float] = {}
+    slowest: dict[str, float] = {}
+    for p in parts:
+        combine_call_metrics(calls, {k: v for k, v in p.call_metrics.items() if not k.startswith("perf/")})
+        for k, v in p.call_metrics.items():
+            if k.startswith("perf/"):
+                slowest[k] = max(slowest.get(k, 0.0), float(v))
+    metrics = stats.finish(groups, {})
+    metrics.update(finished(calls))
+    metrics.update(slowest)
+    return SampleResult(groups=groups, metrics=metrics, stats=stats, call_metrics={**calls, **slowest})
 
 
 def _zero_variance(group: Group) -> bool:
@@ -232,7 +262,7 @@ class GHPOSampler:
             groups, extra = self._dynamic_sampling(groups, len(problems), step, stats, score_metrics)
         metrics = stats.finish(groups, extra)
         metrics.update(finished(score_metrics))
-        return SampleResult(groups=groups, metrics=metrics)
+        return SampleResult(groups=groups, metrics=metrics, stats=stats, call_metrics=score_metrics)
 
     def _dynamic_sampling(
         self, groups: list[Group], target: int, step: int, stats: StepStats, score_metrics: dict

@@ -16,7 +16,7 @@ from megatron_ghpo.logging_utils import get_logger
 from megatron_ghpo.records import Group, TrainBatch
 from megatron_ghpo.rollout.base import SamplingParams
 from megatron_ghpo.train.data_stream import PromptStream
-from megatron_ghpo.train.dist_utils import TrainerGroups, any_across_leaders, build_groups, gather_across_leaders
+from megatron_ghpo.train.dist_utils import TrainerGroups, any_across_workers, build_groups, gather_across_workers
 from megatron_ghpo.train.metrics import MetricsLogger
 
 logger = get_logger("trainer")
@@ -179,6 +179,14 @@ class Components:
     evaluator: Any = None
     pool: Any = None
 
+    def rollout_share(self, step: int) -> list:
+        """This worker's consecutive share of its replica's prompts for ``step`` (all of them when only
+        the leaders roll out); the shares, gathered in replica-rank order, are the replica's batch."""
+        batch = self.stream.local_batch(step)
+        index, count = self.groups.worker_share
+        bounds = [len(batch) * j // count for j in range(count + 1)]
+        return batch[bounds[index] : bounds[index + 1]]
+
     def make_batch(self, groups: list[Group]) -> tuple[TrainBatch, dict[str, float]]:
         from megatron_ghpo.algo.advantages import group_advantages, reward_moments, std_from_moments
         from megatron_ghpo.ghpo.batch import build_train_batch, group_rewards
@@ -266,7 +274,10 @@ def build_components(cfg: Config, *, resume_step: int) -> Components:
     total_steps = PromptStream.count_steps(len(problems), prompts_per_step, cfg.training.num_train_epochs,
                                            cfg.training.max_steps)
     policy = build_policy(cfg, model_dir, total_steps=total_steps, mode="rl")
-    groups = build_groups(policy.replica_ranks(), policy.rank)
+    groups = build_groups(policy.replica_ranks(), policy.rank, all_ranks_roll_out=cfg.all_ranks_roll_out())
+    if groups.is_logger:
+        logger.info("rollout workers: %s", f"all {groups.world_size} ranks" if groups.all_ranks_roll_out
+                    else f"{groups.dp_size} replica leader(s)")
     out = Path(cfg.checkpoint.output_dir)
     if groups.is_logger:
         out.mkdir(parents=True, exist_ok=True)
@@ -281,9 +292,9 @@ def build_components(cfg: Config, *, resume_step: int) -> Components:
     c = Components(cfg=cfg, groups=groups, policy=policy, stream=stream, tokenizer=tokenizer, metrics=metrics,
                    sampling=sampling_from_config(cfg))
     # vLLM builds its process groups over the whole torch world, so every rank starts an engine at the
-    # same moment (colocate="per_rank"); only the rollout leaders generate with theirs.
+    # same moment (colocate="per_rank"); the rollout workers (every rank, or the leaders) generate.
     c.engine = engine_from_config(cfg, str(model_dir), groups=groups)
-    if groups.is_leader:
+    if groups.is_worker:
         from megatron_ghpo.data import PromptRenderer
         from megatron_ghpo.ghpo.memory import DifficultyMemory
         from megatron_ghpo.ghpo.sampler import GHPOSampler
@@ -302,8 +313,8 @@ def build_components(cfg: Config, *, resume_step: int) -> Components:
         c.refill = Refill(stream)
         c.sampler = GHPOSampler(
             engine=c.engine, render=c.renderer.render, score=timed_scoring(c.scorer.score_groups), sampling=c.sampling,
-            options=ghpo_options(cfg, streaming=streaming), any_global=lambda f: any_across_leaders(f, groups),
-            memory=c.memory, gather_objects=(lambda obj: gather_across_leaders(obj, groups)),
+            options=ghpo_options(cfg, streaming=streaming), any_global=lambda f: any_across_workers(f, groups),
+            memory=c.memory, gather_objects=(lambda obj: gather_across_workers(obj, groups)),
             refill=c.refill if g.dynamic_sampling else None,
         )
     return c

@@ -1,15 +1,17 @@
-"""Process-group plumbing for the trainer: rollout leaders, object broadcast, metric reduction.
+"""Process-group plumbing for the trainer: rollout workers, object broadcast, metric reduction.
 
-Layout: each data-parallel replica (a TP x PP model-parallel group) has one *rollout leader*, its
-lowest global rank. Only leaders run the rollout engine, the reward pool and the GHPO sampler; the
-finished TrainBatch is broadcast to the other ranks of the replica. Leaders of different replicas
-form the ``leaders`` group, over which GHPO's "any difficult group anywhere?" decision and the
-step metrics are all-reduced.
+Layout: each data-parallel replica (a TP x PP model-parallel group) has one *leader*, its lowest
+global rank, which builds the replica's TrainBatch and broadcasts it to the replica's other ranks;
+leaders of different replicas form the ``leaders`` group (batch-level sums, step metrics).
+*Rollout workers* generate, score and run the GHPO sampler: with ``rollout_workers: all`` every rank
+(its colocated engine samples a consecutive share of its replica's prompts, and the shares are
+gathered on the leader), else the leaders only. GHPO's "any difficult group anywhere?" decision and
+the difficulty-memory exchange run over the workers' group.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,17 +30,35 @@ class TrainerGroups:
     """All leaders (None when there is one replica)."""
     dp_rank: int
     dp_size: int
+    replica_ranks: list[int] = field(default_factory=list)
+    """Global ranks of this replica, ascending (the leader first)."""
+    workers_group: Any = None
+    """All rollout workers (None when there is one)."""
+    all_ranks_roll_out: bool = False
+    """True: every rank is a rollout worker; False: the leaders only."""
 
     @property
     def is_leader(self) -> bool:
         return self.rank == self.leader_rank
 
     @property
+    def is_worker(self) -> bool:
+        """This rank generates and runs the GHPO sampler."""
+        return self.all_ranks_roll_out or self.is_leader
+
+    @property
+    def worker_share(self) -> tuple[int, int]:
+        """(index, count) of this rank's share of its replica's prompts."""
+        if not self.all_ranks_roll_out:
+            return 0, 1
+        return self.replica_ranks.index(self.rank), len(self.replica_ranks)
+
+    @property
     def is_logger(self) -> bool:
         return self.rank == 0
 
 
-def build_groups(mp_ranks_of_replicas: list[list[int]], rank: int) -> TrainerGroups:
+def build_groups(mp_ranks_of_replicas: list[list[int]], rank: int, *, all_ranks_roll_out: bool = False) -> TrainerGroups:
     """``mp_ranks_of_replicas[d]``: the global ranks of DP replica d. Collective: every rank calls it."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     replica_group = leaders_group = None
@@ -54,8 +74,12 @@ def build_groups(mp_ranks_of_replicas: list[list[int]], rank: int) -> TrainerGro
         leaders = [min(r) for r in mp_ranks_of_replicas]
         lg = dist.new_group(ranks=leaders) if len(leaders) > 1 else None
         leaders_group = lg if rank in leaders else None
+    all_ranks_roll_out = all_ranks_roll_out and world > 1
+    workers_group = (dist.group.WORLD if all_ranks_roll_out else leaders_group) if dist.is_initialized() else None
     return TrainerGroups(rank=rank, world_size=world, leader_rank=min(my_replica), replica_group=replica_group,
-                         leaders_group=leaders_group, dp_rank=dp_rank, dp_size=len(mp_ranks_of_replicas))
+                         leaders_group=leaders_group, dp_rank=dp_rank, dp_size=len(mp_ranks_of_replicas),
+                         replica_ranks=sorted(my_replica), workers_group=workers_group,
+                         all_ranks_roll_out=all_ranks_roll_out)
 
 
 def broadcast_object(obj: Any, groups: TrainerGroups) -> Any:
@@ -67,21 +91,31 @@ def broadcast_object(obj: Any, groups: TrainerGroups) -> Any:
     return box[0]
 
 
-def any_across_leaders(flag: bool, groups: TrainerGroups) -> bool:
-    """True if ``flag`` is true on any leader (one all-reduce). Leaders only."""
-    if groups.leaders_group is None:
+def any_across_workers(flag: bool, groups: TrainerGroups) -> bool:
+    """True if ``flag`` is true on any rollout worker (one all-reduce). Workers only."""
+    if groups.workers_group is None:
         return flag
     t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=groups.leaders_group)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=groups.workers_group)
     return bool(t.item() > 0)
 
 
-def gather_across_leaders(obj: Any, groups: TrainerGroups) -> list[Any]:
-    """All-gather one picklable object from every leader (leaders only), in DP-rank order."""
-    if groups.leaders_group is None:
+def gather_across_workers(obj: Any, groups: TrainerGroups) -> list[Any]:
+    """All-gather one picklable object from every rollout worker (workers only)."""
+    if groups.workers_group is None:
         return [obj]
-    out: list[Any] = [None] * groups.dp_size
-    dist.all_gather_object(out, obj, group=groups.leaders_group)
+    out: list[Any] = [None] * dist.get_world_size(groups.workers_group)
+    dist.all_gather_object(out, obj, group=groups.workers_group)
+    return out
+
+
+def gather_to_leader(obj: Any, groups: TrainerGroups) -> list[Any] | None:
+    """Every rank of the replica sends ``obj`` to its leader: the list in replica-rank order on the
+    leader, None elsewhere."""
+    if groups.replica_group is None:
+        return [obj]
+    out: list[Any] | None = [None] * len(groups.replica_ranks) if groups.is_leader else None
+    dist.gather_object(obj, out, dst=groups.leader_rank, group=groups.replica_group)
     return out
 
 

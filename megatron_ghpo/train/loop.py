@@ -14,7 +14,8 @@ from megatron_ghpo.config import Config
 from megatron_ghpo.logging_utils import get_logger, progress
 from megatron_ghpo.train import checkpointing as ck
 from megatron_ghpo.train.components import Components, build_components, engine_dtype, hf_side_dir
-from megatron_ghpo.train.dist_utils import barrier, broadcast_object, mean_across_leaders
+from megatron_ghpo.ghpo.sampler import merge_results
+from megatron_ghpo.train.dist_utils import barrier, broadcast_object, gather_to_leader, mean_across_leaders
 from megatron_ghpo.train.state import load_trainer_state, replace_hf_folder, save_trainer_state
 
 logger = get_logger("trainer")
@@ -60,11 +61,17 @@ class Trainer:
         c, timer = self.c, StageTimer()
         metrics: dict[str, float] = {}
         batch = None
-        if c.groups.is_leader:
+        if c.groups.is_worker:
             with timer("rollout"):  # generation + rewards + GHPO ladder (hinted regenerations included)
                 c.sampler.sampling = replace(c.sampling, seed=self.cfg.training.seed * 100_003 + step)
                 c.refill.start(step)
-                result = c.sampler.sample(c.stream.local_batch(step), step)
+                result = c.sampler.sample(c.rollout_share(step), step)
+        if c.groups.all_ranks_roll_out:  # every rank sampled a share: the leader merges them
+            with timer("gather"):
+                parts = gather_to_leader(result, c.groups)
+            if c.groups.is_leader:
+                result = merge_results(parts)
+        if c.groups.is_leader:
             with timer("advantages"):
                 batch, adv_metrics = c.make_batch(result.groups)
             metrics.update(result.metrics)
@@ -93,11 +100,14 @@ class Trainer:
         return metrics
 
     def _sync_weights(self) -> None:
-        """Every rank walks the bridge's bucketed export; the leader feeds its engine as buckets arrive."""
+        """Every rank walks the bridge's bucketed export; each rollout worker feeds its engine as buckets
+        arrive (every rank gets every tensor when all ranks roll out, else the leader only)."""
         c = self.c
+        every = c.groups.all_ranks_roll_out
         weights = c.policy.export_hf_weights(bucket_bytes=self.cfg.rollout.bridge_bucket_bytes,
-                                             dtype=getattr(torch, engine_dtype(self.cfg)), destination="first")
-        if c.groups.is_leader:
+                                             dtype=getattr(torch, engine_dtype(self.cfg)),
+                                             destination="all" if every else "first")
+        if c.groups.is_worker:
             c.engine.load_weights(weights)
         else:  # the export is collective: non-leaders take part and drop the tensors
             for _ in weights:

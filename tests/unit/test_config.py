@@ -124,6 +124,17 @@ def test_share_prompts_excludes_sequence_packing():
         load_config(None, ["share_prompts=true", "sequence_packing=true"])
 
 
+def test_rollout_workers_resolve_and_refuse_what_cannot_run_on_every_rank():
+    assert load_config(None, []).all_ranks_roll_out() is True  # auto: every rank generates
+    assert load_config(None, ["rollout_workers=leaders"]).all_ranks_roll_out() is False
+    assert load_config(None, ["dynamic_sampling=true"]).all_ranks_roll_out() is False  # auto falls back
+    cfg = load_config(None, ["rollout_workers=all", "dynamic_sampling=true"])
+    with pytest.raises(ConfigError, match="rollout_workers='all' cannot be used with dynamic_sampling: true"):
+        cfg.validate(world_size=2)
+    with pytest.raises(ConfigError, match="rollout_workers='everyone': must be one of"):
+        load_config(None, ["rollout_workers=everyone"])
+
+
 def test_scale_rewards_accepts_the_seed_booleans():
     assert load_config(None, ["scale_rewards=true"]).algorithm.scale_rewards == "group"
     assert load_config(None, ["scale_rewards=false"]).algorithm.scale_rewards == "none"

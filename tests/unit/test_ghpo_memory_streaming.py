@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from megatron_ghpo.ghpo import DifficultyMemory, GHPOOptions, GHPOSampler, VisitOutcome
+from megatron_ghpo.ghpo.sampler import merge_results
 from megatron_ghpo.rollout.base import SamplingParams
 
 from tests.unit._ghpo_doubles import (
@@ -179,3 +180,52 @@ def test_two_ranks_make_matching_collective_calls(streaming, dynamic):
     assert r0.metrics["ghpo/generation_passes"] == r1.metrics["ghpo/generation_passes"] >= 4
     assert len(r0.groups) == len(r1.groups) == 3
     assert m0.state_dict() == m1.state_dict() and "D" in m0 and "A" in m1  # memory shared by all ranks
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_shares_sampled_by_two_workers_merge_into_the_single_worker_result(streaming):
+    """Rollout on every rank: each worker samples a consecutive share of the batch (collective ladder
+    decisions, shared memory); the leader's merge gives the groups and metrics of one worker
+    sampling the whole batch. Two steps, so the memory start takes part."""
+    uids = "ABCDEH"
+    shares = {0: uids[:3], 1: uids[3:]}
+    opts = GHPOOptions(streaming=streaming, hint_start="memory")
+
+    def make_sampler(**kw):
+        engine = StreamingScriptedEngine() if streaming else ScriptedEngine()
+        return sampler_for(opts, engine=engine, memory=DifficultyMemory(), **kw)[0]
+
+    single = make_sampler()
+    expected = [single.sample([problem(u) for u in uids], step) for step in range(2)]
+
+    coll = ThreadCollective(world=2)
+    parts: dict[tuple[int, int], object] = {}
+    errors: list[BaseException] = []
+
+    def worker(rank: int) -> None:
+        try:
+            sampler = make_sampler(any_global=coll.any_global(rank), gather_objects=coll.gather(rank))
+            for step in range(2):
+                parts[(step, rank)] = sampler.sample([problem(u) for u in shares[rank]], step)
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a worker hung"
+    assert not errors, errors
+    for step in range(2):
+        merged = merge_results([parts[(step, 0)], parts[(step, 1)]])
+        want = expected[step]
+        assert [(g.prompt.text, g.stage) for g in merged.groups] == [(g.prompt.text, g.stage) for g in want.groups]
+        drop = {k for k in want.metrics if k.startswith("perf/")} | {"test/score_calls"}  # one scorer per worker
+        assert merged.metrics["test/score_calls"] >= want.metrics["test/score_calls"]
+        assert {k: v for k, v in merged.metrics.items() if k not in drop} == pytest.approx(
+            {k: v for k, v in want.metrics.items() if k not in drop}, nan_ok=True
+        )
+    assert expected[1].metrics["ghpo/memory_started_groups"] > 0
+    with pytest.raises(ValueError, match="at least one"):
+        merge_results([])

@@ -57,7 +57,7 @@ def merge_results(parts: list[SampleResult]) -> SampleResult:
     """One result from the results of workers that sampled consecutive shares of one step's problems
     (same step, same collective ladder decisions): groups in worker order, counters summed,
     generation passes as run (the same on every worker), scorer means averaged over all items,
-    wall times (``perf/*``) the slowest worker's. Not for dynamic sampling (its refill rounds are
+    wall times (``perf/*``) those of the slowest worker (the one that held up the step). Not for dynamic sampling (its refill rounds are
     per-worker decisions)."""
     if not parts:
         raise ValueError("merge_results needs at least one worker's result")
@@ -66,12 +66,10 @@ def merge_results(parts: list[SampleResult]) -> SampleResult:
     stats = parts[0].stats.merged([p.stats for p in parts[1:]])  # type: ignore[union-attr]
     groups = [g for p in parts for g in p.groups]
     calls: dict[str, float] = {}
-    slowest: dict[str, float] = {}
     for p in parts:
         combine_call_metrics(calls, {k: v for k, v in p.call_metrics.items() if not k.startswith("perf/")})
-        for k, v in p.call_metrics.items():
-            if k.startswith("perf/"):
-                slowest[k] = max(slowest.get(k, 0.0), float(v))
+    times = [{k: float(v) for k, v in p.call_metrics.items() if k.startswith("perf/")} for p in parts]
+    slowest = max(times, key=lambda t: sum(t.values()))
     metrics = stats.finish(groups, {})
     metrics.update(finished(calls))
     metrics.update(slowest)

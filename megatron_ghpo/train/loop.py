@@ -66,11 +66,10 @@ class Trainer:
                 c.sampler.sampling = replace(c.sampling, seed=self.cfg.training.seed * 100_003 + step)
                 c.refill.start(step)
                 result = c.sampler.sample(c.rollout_share(step), step)
-        if c.groups.all_ranks_roll_out:  # every rank sampled a share: the leader merges them
-            with timer("gather"):
-                parts = gather_to_leader(result, c.groups)
-            if c.groups.is_leader:
-                result = merge_results(parts)
+                if c.groups.all_ranks_roll_out:  # every rank sampled a share: the leader merges them
+                    parts = gather_to_leader(result, c.groups)
+                    if c.groups.is_leader:
+                        result = merge_results(parts)
         if c.groups.is_leader:
             with timer("advantages"):
                 batch, adv_metrics = c.make_batch(result.groups)

@@ -133,6 +133,12 @@ def mean_across_leaders(metrics: dict[str, float], groups: TrainerGroups) -> dic
     return out
 
 
+def replica_barrier(groups: TrainerGroups) -> None:
+    """Wait for every rank of this data-parallel replica."""
+    if groups.replica_group is not None:
+        dist.barrier(group=groups.replica_group)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

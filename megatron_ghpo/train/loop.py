@@ -15,7 +15,13 @@ from megatron_ghpo.logging_utils import get_logger, progress
 from megatron_ghpo.train import checkpointing as ck
 from megatron_ghpo.train.components import Components, build_components, engine_dtype, hf_side_dir
 from megatron_ghpo.ghpo.sampler import merge_results
-from megatron_ghpo.train.dist_utils import barrier, broadcast_object, gather_to_leader, mean_across_leaders
+from megatron_ghpo.train.dist_utils import (
+    barrier,
+    broadcast_object,
+    gather_to_leader,
+    mean_across_leaders,
+    replica_barrier,
+)
 from megatron_ghpo.train.state import load_trainer_state, replace_hf_folder, save_trainer_state
 
 logger = get_logger("trainer")
@@ -63,6 +69,8 @@ class Trainer:
         batch = None
         if c.groups.is_worker:
             with timer("rollout"):  # generation + rewards + GHPO ladder (hinted regenerations included)
+                if c.groups.all_ranks_roll_out:  # the replica's workers start together, so the stage's
+                    replica_barrier(c.groups)    # time holds every worker's generation and scoring
                 c.sampler.sampling = replace(c.sampling, seed=self.cfg.training.seed * 100_003 + step)
                 c.refill.start(step)
                 result = c.sampler.sample(c.rollout_share(step), step)

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from megatron_ghpo.config import Config
+from megatron_ghpo.ghpo.sampler import merge_results
 from megatron_ghpo.logging_utils import get_logger, progress
 from megatron_ghpo.train import checkpointing as ck
 from megatron_ghpo.train.components import Components, build_components, engine_dtype, hf_side_dir
-from megatron_ghpo.ghpo.sampler import merge_results
 from megatron_ghpo.train.dist_utils import (
     barrier,
     broadcast_object,

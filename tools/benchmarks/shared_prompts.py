@@ -101,8 +101,5 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "rank":
-        run_rank(json.loads(sys.argv[2]))
-    else:
-        sys.exit(main())
+if __name__ == "__main__":  # `shared_prompts.py rank ARGS_JSON` is one rank of the launch above
+    sys.exit(run_rank(json.loads(sys.argv[2])) if sys.argv[1:2] == ["rank"] else main())

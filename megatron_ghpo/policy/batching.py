@@ -140,6 +140,69 @@ def _row_length(samples: Sequence[TrainSample], row: list[int]) -> int:
     return sum(len(samples[i].prompt_ids) + len(samples[i].completion_ids) - 1 for i in row)
 
 
+PROMPT, PADDING = -1, -2
+"""``_Canvas.owner`` values besides a sequence's index: a shared prompt, padding."""
+
+
+@dataclass(kw_only=True)
+class _Canvas:
+    """The tensors of one micro-batch being laid out: ``R`` rows of ``S`` input positions, ``n``
+    sequences of at most ``T`` completion tokens; ``owner`` says what each input position holds."""
+
+    samples: Sequence[TrainSample]
+    idx: list[int]
+    S: int
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    owner: torch.Tensor
+    flat_index: torch.Tensor
+    targets: torch.Tensor
+    valid: torch.Tensor
+    loss_mask: torch.Tensor
+
+    @classmethod
+    def empty(cls, samples: Sequence[TrainSample], rows: list[list[int]], length_of, pad_token_id: int,
+              shape: tuple[int, int] | None) -> _Canvas:  # fmt: skip
+        """``shape`` = (R, S) pads to at least that many rows and tokens (extra rows are all padding)."""
+        idx = [i for row in rows for i in row]
+        R, S = len(rows), max(length_of(samples, row) for row in rows)
+        if shape is not None:
+            R, S = max(R, shape[0]), max(S, shape[1])
+        n, T = len(idx), max(len(samples[i].completion_ids) for i in idx)
+        return cls(
+            samples=samples, idx=idx, S=S, tokens=torch.full((R, S), pad_token_id, dtype=torch.int64),
+            position_ids=torch.zeros((R, S), dtype=torch.int64), owner=torch.full((R, S), PADDING, dtype=torch.int64),
+            flat_index=torch.zeros((n, T), dtype=torch.int64), targets=torch.zeros((n, T), dtype=torch.int64),
+            valid=torch.zeros((n, T), dtype=torch.bool), loss_mask=torch.zeros((n, T), dtype=torch.float32),
+        )  # fmt: skip
+
+    def put(self, r: int, offset: int, ids: Sequence[int], positions: torch.Tensor, owner: int) -> None:
+        """Input tokens ``ids`` at row ``r`` from ``offset``, at RoPE ``positions``."""
+        self.tokens[r, offset : offset + len(ids)] = torch.tensor(list(ids), dtype=torch.int64)
+        self.position_ids[r, offset : offset + len(ids)] = positions
+        self.owner[r, offset : offset + len(ids)] = owner
+
+    def score(self, k: int, sample: TrainSample, flat_index: torch.Tensor) -> None:
+        """Sequence ``k``'s completion tokens, scored at the given flat input positions."""
+        c = len(sample.completion_ids)
+        self.flat_index[k, :c] = flat_index
+        self.targets[k, :c] = torch.tensor(sample.completion_ids, dtype=torch.int64)
+        self.valid[k, :c] = True
+        self.loss_mask[k, :c] = torch.tensor(sample.completion_mask, dtype=torch.float32)
+
+    def finish(self, attention_mask: torch.Tensor | None, *, rope_positions: bool) -> MicroBatch:
+        samples, idx, T = self.samples, self.idx, self.targets.shape[1]
+        return MicroBatch(
+            tokens=self.tokens, position_ids=self.position_ids, attention_mask=attention_mask,
+            flat_index=self.flat_index, targets=self.targets, valid=self.valid, loss_mask=self.loss_mask,
+            advantages=torch.tensor([float(samples[i].advantage) for i in idx], dtype=torch.float32),
+            old_logprobs=_optional_matrix(samples, "old_logprobs", idx, T),
+            ref_logprobs=_optional_matrix(samples, "ref_logprobs", idx, T),
+            sample_index=idx, real_tokens=int((self.owner != PADDING).sum()), rope_positions=rope_positions,
+            **_rollout_matrix(samples, idx, T),
+        )  # fmt: skip
+
+
 def _build(
     samples: Sequence[TrainSample], rows: list[list[int]], pad_token_id: int, shape: tuple[int, int] | None = None
 ) -> MicroBatch:
@@ -147,19 +210,7 @@ def _build(
 
     ``shape`` = (R, S) pads to at least that many rows and tokens (rows beyond ``rows`` are all padding).
     """
-    idx = [i for row in rows for i in row]
-    S = max(_row_length(samples, row) for row in rows)
-    R, n = len(rows), len(idx)
-    if shape is not None:
-        R, S = max(R, shape[0]), max(S, shape[1])
-    T = max(len(samples[i].completion_ids) for i in idx)
-    tokens = torch.full((R, S), pad_token_id, dtype=torch.int64)
-    position_ids = torch.zeros((R, S), dtype=torch.int64)
-    segment = torch.full((R, S), -1, dtype=torch.int64)
-    flat_index = torch.zeros((n, T), dtype=torch.int64)
-    targets = torch.zeros((n, T), dtype=torch.int64)
-    valid = torch.zeros((n, T), dtype=torch.bool)
-    loss_mask = torch.zeros((n, T), dtype=torch.float32)
+    cv = _Canvas.empty(samples, rows, _row_length, pad_token_id, shape)
     k = 0
     for r, row in enumerate(rows):
         offset = 0
@@ -167,35 +218,16 @@ def _build(
             s = samples[i]
             seq = list(s.prompt_ids) + list(s.completion_ids)
             L, p, c = len(seq) - 1, len(s.prompt_ids), len(s.completion_ids)
-            tokens[r, offset : offset + L] = torch.tensor(seq[:-1], dtype=torch.int64)
-            position_ids[r, offset : offset + L] = torch.arange(L)
-            segment[r, offset : offset + L] = k
-            flat_index[k, :c] = r * S + offset + p - 1 + torch.arange(c)
-            targets[k, :c] = torch.tensor(s.completion_ids, dtype=torch.int64)
-            valid[k, :c] = True
-            loss_mask[k, :c] = torch.tensor(s.completion_mask, dtype=torch.float32)
+            cv.put(r, offset, seq[:-1], torch.arange(L), k)
+            cv.score(k, s, r * cv.S + offset + p - 1 + torch.arange(c))
             offset += L
             k += 1
     attention_mask = None
     if any(len(row) > 1 for row in rows):
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
-        same = segment.unsqueeze(2) == segment.unsqueeze(1)
+        causal = torch.ones(cv.S, cv.S, dtype=torch.bool).tril()
+        same = cv.owner.unsqueeze(2) == cv.owner.unsqueeze(1)
         attention_mask = ~(same & causal).unsqueeze(1)
-    return MicroBatch(
-        tokens=tokens,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        flat_index=flat_index,
-        targets=targets,
-        valid=valid,
-        loss_mask=loss_mask,
-        advantages=torch.tensor([float(samples[i].advantage) for i in idx], dtype=torch.float32),
-        old_logprobs=_optional_matrix(samples, "old_logprobs", idx, T),
-        ref_logprobs=_optional_matrix(samples, "ref_logprobs", idx, T),
-        sample_index=idx,
-        real_tokens=int((segment >= 0).sum()),
-        **_rollout_matrix(samples, idx, T),
-    )
+    return cv.finish(attention_mask, rope_positions=False)
 
 
 def _shared_row_length(samples: Sequence[TrainSample], row: list[int]) -> int:
@@ -206,60 +238,25 @@ def _build_shared(
     samples: Sequence[TrainSample], rows: list[list[int]], pad_token_id: int, shape: tuple[int, int] | None = None
 ) -> MicroBatch:
     """One micro-batch of shared-prompt rows: each row lists samples with identical ``prompt_ids``."""
-    idx = [i for row in rows for i in row]
-    S = max(_shared_row_length(samples, row) for row in rows)
-    R, n = len(rows), len(idx)
-    if shape is not None:
-        R, S = max(R, shape[0]), max(S, shape[1])
-    T = max(len(samples[i].completion_ids) for i in idx)
-    tokens = torch.full((R, S), pad_token_id, dtype=torch.int64)
-    position_ids = torch.zeros((R, S), dtype=torch.int64)
-    owner = torch.full((R, S), -2, dtype=torch.int64)  # -1: the row's prompt, k >= 0: completion k, -2: padding
-    flat_index = torch.zeros((n, T), dtype=torch.int64)
-    targets = torch.zeros((n, T), dtype=torch.int64)
-    valid = torch.zeros((n, T), dtype=torch.bool)
-    loss_mask = torch.zeros((n, T), dtype=torch.float32)
+    cv = _Canvas.empty(samples, rows, _shared_row_length, pad_token_id, shape)
     k = 0
     for r, row in enumerate(rows):
-        prompt = list(samples[row[0]].prompt_ids)
+        prompt = samples[row[0]].prompt_ids
         p = len(prompt)
-        tokens[r, :p] = torch.tensor(prompt, dtype=torch.int64)
-        position_ids[r, :p] = torch.arange(p)
-        owner[r, :p] = -1
+        cv.put(r, 0, prompt, torch.arange(p), PROMPT)
         offset = p
         for i in row:
             s = samples[i]
-            c = len(s.completion_ids)
-            body = c - 1  # the last completion token is only a target
-            tokens[r, offset : offset + body] = torch.tensor(list(s.completion_ids[:-1]), dtype=torch.int64)
-            position_ids[r, offset : offset + body] = p + torch.arange(body)
-            owner[r, offset : offset + body] = k
-            flat_index[k, 0] = r * S + p - 1
-            flat_index[k, 1:c] = r * S + offset + torch.arange(body)
-            targets[k, :c] = torch.tensor(s.completion_ids, dtype=torch.int64)
-            valid[k, :c] = True
-            loss_mask[k, :c] = torch.tensor(s.completion_mask, dtype=torch.float32)
+            body = len(s.completion_ids) - 1  # the last completion token is only a target
+            cv.put(r, offset, s.completion_ids[:-1], p + torch.arange(body), k)
+            # token 0 is scored at the prompt's end, token t >= 1 where token t - 1 is read
+            cv.score(k, s, torch.cat([torch.tensor([r * cv.S + p - 1]), r * cv.S + offset + torch.arange(body)]))
             offset += body
             k += 1
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
-    key, query = owner.unsqueeze(1), owner.unsqueeze(2)
-    allowed = causal & ((key == -1) | (key == query))
-    return MicroBatch(
-        tokens=tokens,
-        position_ids=position_ids,
-        attention_mask=~allowed.unsqueeze(1),
-        flat_index=flat_index,
-        targets=targets,
-        valid=valid,
-        loss_mask=loss_mask,
-        advantages=torch.tensor([float(samples[i].advantage) for i in idx], dtype=torch.float32),
-        old_logprobs=_optional_matrix(samples, "old_logprobs", idx, T),
-        ref_logprobs=_optional_matrix(samples, "ref_logprobs", idx, T),
-        sample_index=idx,
-        real_tokens=int((owner >= -1).sum()),
-        rope_positions=True,
-        **_rollout_matrix(samples, idx, T),
-    )
+    causal = torch.ones(cv.S, cv.S, dtype=torch.bool).tril()
+    key, query = cv.owner.unsqueeze(1), cv.owner.unsqueeze(2)
+    allowed = causal & ((key == PROMPT) | (key == query))
+    return cv.finish(~allowed.unsqueeze(1), rope_positions=True)
 
 
 def prompt_groups(samples: Sequence[TrainSample]) -> list[list[int]]:

@@ -154,3 +154,22 @@ class ThreadCollective:
         self.barrier.wait()
         self.calls[rank] += 1
         return out
+
+
+def run_in_threads(rank_main, world: int, timeout: float = 60.0) -> None:
+    """Run ``rank_main(rank)`` for every rank in its own thread; fail on a hang or an exception."""
+    errors: list[BaseException] = []
+
+    def guarded(rank: int) -> None:
+        try:
+            rank_main(rank)
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    assert not errors, errors

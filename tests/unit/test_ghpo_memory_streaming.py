@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
 from megatron_ghpo.ghpo import DifficultyMemory, GHPOOptions, GHPOSampler, VisitOutcome
 from megatron_ghpo.ghpo.sampler import merge_results
 from megatron_ghpo.rollout.base import SamplingParams
-
 from tests.unit._ghpo_doubles import (
     NAN,
     NEVER,
@@ -20,6 +18,7 @@ from tests.unit._ghpo_doubles import (
     ThreadCollective,
     make_render,
     problem,
+    run_in_threads,
 )
 
 pytestmark = pytest.mark.unit
@@ -149,31 +148,21 @@ def test_two_ranks_make_matching_collective_calls(streaming, dynamic):
     coll = ThreadCollective(world=2)
     problems = {0: [problem(u) for u in "AAE"], 1: [problem(u) for u in "BCD"]}
     results: dict[int, object] = {}
-    errors: list[BaseException] = []
 
     def rank_main(rank: int) -> None:
-        try:
-            engine = StreamingScriptedEngine() if streaming else ScriptedEngine()
-            opts = GHPOOptions(streaming=streaming, dynamic_sampling=dynamic, hint_start="memory")
-            sampler, _ = sampler_for(
-                opts,
-                engine=engine,
-                any_global=coll.any_global(rank),
-                memory=DifficultyMemory(),
-                gather_objects=coll.gather(rank),
-                refill=lambda n: [problem("F") for _ in range(n)],
-            )
-            results[rank] = (sampler.sample(problems[rank], 0), sampler.memory)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
-            errors.append(exc)
+        engine = StreamingScriptedEngine() if streaming else ScriptedEngine()
+        opts = GHPOOptions(streaming=streaming, dynamic_sampling=dynamic, hint_start="memory")
+        sampler, _ = sampler_for(
+            opts,
+            engine=engine,
+            any_global=coll.any_global(rank),
+            memory=DifficultyMemory(),
+            gather_objects=coll.gather(rank),
+            refill=lambda n: [problem("F") for _ in range(n)],
+        )
+        results[rank] = (sampler.sample(problems[rank], 0), sampler.memory)
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a rank hung"
-    assert not errors, errors
+    run_in_threads(rank_main, 2)
     assert coll.calls[0] == coll.calls[1]
     r0, m0 = results[0]
     r1, m1 = results[1]
@@ -200,23 +189,13 @@ def test_shares_sampled_by_two_workers_merge_into_the_single_worker_result(strea
 
     coll = ThreadCollective(world=2)
     parts: dict[tuple[int, int], object] = {}
-    errors: list[BaseException] = []
 
     def worker(rank: int) -> None:
-        try:
-            sampler = make_sampler(any_global=coll.any_global(rank), gather_objects=coll.gather(rank))
-            for step in range(2):
-                parts[(step, rank)] = sampler.sample([problem(u) for u in shares[rank]], step)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
-            errors.append(exc)
+        sampler = make_sampler(any_global=coll.any_global(rank), gather_objects=coll.gather(rank))
+        for step in range(2):
+            parts[(step, rank)] = sampler.sample([problem(u) for u in shares[rank]], step)
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a worker hung"
-    assert not errors, errors
+    run_in_threads(worker, 2)
     for step in range(2):
         merged = merge_results([parts[(step, 0)], parts[(step, 1)]])
         want = expected[step]

@@ -290,9 +290,9 @@ class TrainingConfig:
     share micro-batches instead of making every one pad to their length. Changes which sequences
     share a micro-batch (the ``bnpo`` per-micro-batch token mean), not the sequences trained."""
     share_prompts: bool = False
-    """One row per prompt group in the train step: the prompt is read once and each of its completions
-    attends to it, so a group of G costs P + sum(completions) input tokens instead of G*(P + ...).
-    Same log-probs, loss and gradients as padding; micro-batches take whole groups. Needs
+    """Shared-prompt rows in the train step: a row holds a prompt once and several of its completions,
+    each attending to it, so a group of G costs a few prompts (one per row, see ``shared_row_tokens``)
+    instead of G. Same log-probs, loss and gradients as padding. Needs
     ``transformer_impl: local`` (arbitrary attention mask) and no sequence parallelism."""
     shared_row_tokens: int = 256
     """With ``share_prompts``: at most this many tokens per row; a group that does not fit takes several

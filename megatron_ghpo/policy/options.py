@@ -55,7 +55,7 @@ class BatchingOptions:
     group_by_length: bool = False
     """Padding only: fill micro-batches with the sequences sorted by length (less padding)."""
     share_prompts: bool = False
-    """One row per prompt group: the prompt is read once and its completions attend to it (local layer
+    """Rows of one prompt and several of its completions, which attend to it (local layer
     spec; see ``megatron_ghpo.policy.batching``). Same log-probs, loss and gradients as padding."""
     shared_row_tokens: int | None = 256
     """With ``share_prompts``: at most this many tokens per row (a row always holds one completion);

@@ -19,15 +19,12 @@ import torch
 
 def _rotary_module(model: Any) -> Any:
     """The ``rotary_pos_emb`` module of a (possibly DDP/Float16-wrapped) GPTModel chunk, or None."""
-    m = model
-    for _ in range(8):
-        rope = getattr(m, "rotary_pos_emb", None)
-        if rope is not None:
-            return rope
-        if not hasattr(m, "module"):
-            return None
-        m = m.module
-    return None
+    from megatron.core.utils import get_attr_wrapped_model
+
+    try:
+        return get_attr_wrapped_model(model, "rotary_pos_emb", allow_none=False)
+    except RuntimeError:  # no wrapper level has it
+        return None
 
 
 @contextmanager

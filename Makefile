@@ -11,6 +11,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export HF_HOME=$(CACHE)/hf
+export VLLM_CACHE_ROOT=$(CACHE)/vllm
 export WANDB_MODE ?= offline
 export WANDB_DIR=$(CACHE)/wandb
 export VLLM_CPU_KVCACHE_SPACE ?= 1

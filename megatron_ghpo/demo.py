@@ -2,11 +2,12 @@
 
 1. Build a tiny Qwen2-shaped model (RoPE, GQA, SwiGLU) and a byte-level BPE tokenizer locally.
 2. Write the synthetic task (``megatron_ghpo.data.synthetic``): an SFT set of easy problems (a
-   one-digit first step) with a small share of the hard kind, an RL set of hard problems (a two-digit
-   first step with a carry, then easy one-digit steps) and a held-out set of hard problems. A hint
-   that reveals the first line of the worked solution removes the hard part.
-3. SFT warm-up (``megatron-ghpo sft``, TP=2 over 2 gloo processes; half of the prompts hinted so the model
-   learns what a hint is), written as a Hugging Face folder.
+   one-digit first step) with shares of the RL kind and of far harder first steps, an RL set of hard
+   problems (a two-digit first step with a carry, then easy one-digit steps) and a held-out set of hard
+   problems. A hint that reveals the first line of the worked solution removes the hard part.
+3. SFT warm-up (``megatron-ghpo sft``, TP=2 over 2 gloo processes; half of the prompts hinted, and on
+   the far harder problems only copying the hint gets the first step right, so the model learns to
+   use a hint), written as a Hugging Face folder.
 4. From that folder, one GHPO and one GRPO run per seed with the same seed, steps and prompts per
    step (``megatron-ghpo train``, TP=2), each evaluated without hints on the held-out problems at
    its last step (in-loop evaluation, near-greedy).
@@ -34,6 +35,9 @@ logger = get_logger("demo")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tiny-cpu"
 METHODS = ("ghpo", "grpo")
 TASK = "heldout_hard"
+MAX_NEW_TOKENS = 64
+"""Completion budget of the demo (examples/tiny-cpu/*.yaml's max_completion_length): the longest worked
+solution, four steps, is 51 tokens with EOS."""
 
 
 def _cli(args: list[str], log: Path, timeout_s: float) -> None:
@@ -62,12 +66,17 @@ def prepare(out: Path, *, n_rl: int, n_heldout: int, n_sft: int) -> dict[str, Pa
         build_tiny_model(base, arch="qwen2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                          intermediate_size=384, initializer_range=0.02, tie_word_embeddings=True, seed=0)
     data = out / "data"
-    # 15% hard problems in the warm-up: some signal for GRPO to start from, and (half of them hinted,
-    # sft.yaml's sft_hint_fraction) the examples where a hint carries what the model cannot compute, so
-    # it learns to take the hint's first line rather than recompute it (easy problems cannot teach that).
-    hard_share = max(1, n_sft * 3 // 20)
-    sft = generate_problems(n_sft - hard_share, seed=1, difficulty="easy") + generate_problems(
-        hard_share, seed=2, difficulty="medium")
+    # The warm-up: 70% easy problems; 15% of the RL task's kind (some signal for GRPO to start from);
+    # 15% whose first step is far beyond the model (4-digit sums with 3 carries, 3-digit products). Half of
+    # all prompts are hinted (sft.yaml's sft_hint_fraction) and the target is always the whole solution,
+    # so on those far-too-hard problems only copying the hint's lines gets the first step right: the model
+    # learns to take a hint rather than recompute it (easy problems cannot teach that: it computes their
+    # first step itself and ignores the hint).
+    medium, copy = max(1, n_sft * 3 // 20), max(2, n_sft * 3 // 20)
+    sft = (generate_problems(n_sft - medium - copy, seed=1, difficulty="easy")
+           + generate_problems(medium, seed=2, difficulty="medium")
+           + generate_problems(copy // 2, seed=5, difficulty="hard")
+           + generate_problems(copy - copy // 2, seed=6, difficulty="hard_mul"))
     paths = {
         "base": base,
         "sft": write_jsonl(sft, data / "sft.jsonl"),
@@ -165,7 +174,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.skip_sft_eval:
         eval_out = out / "sft_eval"
         _cli(["eval", "--model", str(sft_dir / "hf"), "--tasks", "", "--custom-task", task, "--samples", "1",
-              "--max-new-tokens", "48", "--max-prompt-length", "128", "--no-system-prompt",
+              "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-prompt-length", "128", "--no-system-prompt",
               "--out", str(eval_out)], logs / "sft_eval.log", 900)
         sft_acc = json.loads((eval_out / "summary.json").read_text())["tasks"][TASK]["pass_at_k"]["pass@1"]
     runs: dict[str, dict[int, Path]] = {m: {} for m in METHODS}

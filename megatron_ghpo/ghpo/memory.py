@@ -9,8 +9,12 @@ Start rule for ``hint_start: memory`` (ladder stages: 0 = unhinted, k = ``hint_l
 * unknown problem, or solved unhinted last time → stage 0;
 * unsolved at every stage tried last time → the top stage (lower ones are known to fail);
 * solved at stage w after starting below it → start at w (skips the passes known to fail);
-* solved at stage w on its first try → start one stage lower (w − 1), so a problem the policy has
-  outgrown drifts back towards unhinted training instead of keeping its hint forever.
+* solved at stage w on its first try → start one stage lower (w − 1), a *probe*, so a problem the
+  policy has outgrown drifts back towards unhinted training instead of keeping its hint forever;
+* probes back off: a probe that fails (the problem had to climb back to w) doubles the number of
+  consecutive first-try solves at w required before the next probe (1, 2, 4, …); a probe that
+  succeeds resets it to 1. A problem that keeps needing its hint is probed ever more rarely, so its
+  visits stop paying a failed generation pass every other time.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class ProblemRecord:
     """Hint ratio where the last conclusive visit started."""
     unsolved: bool = False
     """True when the last conclusive visit failed at every stage it tried."""
+    first_try_streak: int = 0
+    """Consecutive conclusive visits solved at the stage they started from."""
+    probe_after: int = 1
+    """First-try solves in a row needed before the next probe one stage lower (doubles after a failed probe)."""
     last_step: int = -1
 
 
@@ -87,7 +95,7 @@ class DifficultyMemory:
             return 0
         worked = rung_of(rec.ratio_worked, rungs)
         started = rung_of(rec.start_ratio, rungs)
-        if worked == started:
+        if worked == started and rec.first_try_streak >= rec.probe_after:
             return max(worked - 1, 0)
         return worked
 
@@ -102,6 +110,11 @@ class DifficultyMemory:
             rec.times_failed_unhinted += 1
         if not outcome.conclusive:
             return
+        probe = rec.ratio_worked is not None and outcome.start_ratio < rec.ratio_worked - 1e-12
+        first_try = outcome.solved_ratio is not None and abs(outcome.solved_ratio - outcome.start_ratio) <= 1e-12
+        if probe:
+            rec.probe_after = 1 if first_try else 2 * rec.probe_after
+        rec.first_try_streak = rec.first_try_streak + 1 if first_try and not probe else int(first_try)
         rec.start_ratio = outcome.start_ratio
         rec.ratio_worked = outcome.solved_ratio
         rec.unsolved = outcome.solved_ratio is None

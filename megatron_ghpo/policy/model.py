@@ -166,7 +166,8 @@ def transformer_config_from_hf(
 
 
 def layer_spec(config) -> Any:
-    """Megatron layer spec for ``config.transformer_impl`` (TE fused modules or local PyTorch ones)."""
+    """Megatron layer spec for ``config.transformer_impl``: TE fused modules, or local PyTorch ones with
+    attention on PyTorch's SDPA kernel (:mod:`megatron_ghpo.policy.attention`)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -174,7 +175,11 @@ def layer_spec(config) -> Any:
 
     if config.transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    from megatron_ghpo.policy.attention import SDPADotProductAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    return spec
 
 
 def build_gpt_model(

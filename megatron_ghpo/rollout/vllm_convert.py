@@ -5,13 +5,20 @@ Imported only by :mod:`megatron_ghpo.rollout.vllm_engine` after vLLM itself has 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from megatron_ghpo.records import Completion
 from megatron_ghpo.rollout.base import SamplingParams
 
 FINISH_REASONS = ("stop", "length")
+
+
+def detokenizes_in_engine(sampling: SamplingParams) -> bool:
+    """Whether vLLM must detokenize while it generates: only stop strings need the running text.
+    Otherwise the text is decoded once per finished completion (:func:`completions_from_output`),
+    which spares vLLM's per-token incremental detokenizer (a sizeable share of a CPU decode step)."""
+    return bool(sampling.stop)
 
 
 def to_vllm_sampling(sampling: SamplingParams, *, seed: int | None) -> Any:
@@ -29,6 +36,7 @@ def to_vllm_sampling(sampling: SamplingParams, *, seed: int | None) -> Any:
         stop=list(sampling.stop) or None,
         logprobs=0 if sampling.logprobs else None,  # 0 = only the sampled token's log-prob
         flat_logprobs=True,
+        detokenize=detokenizes_in_engine(sampling),
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
 
@@ -70,10 +78,17 @@ def token_logprobs(logprobs: Any, token_ids: Sequence[int], offset: int = 0) -> 
     return [_position_logprob(logprobs, offset + i, t) for i, t in enumerate(token_ids)]
 
 
-def completions_from_output(output: Any, *, want_logprobs: bool) -> list[Completion]:
-    """Convert a finished vLLM ``RequestOutput`` into completions in sample order."""
+def completions_from_output(
+    output: Any, *, want_logprobs: bool, decode: Callable[[list[list[int]]], list[str]] | None = None
+) -> list[Completion]:
+    """Convert a finished vLLM ``RequestOutput`` into completions in sample order.
+
+    ``decode``: batch decoder (special tokens skipped, as vLLM's detokenizer does) for requests that
+    vLLM did not detokenize; None keeps vLLM's text."""
+    samples = sorted(output.outputs, key=lambda c: c.index)
+    texts = decode([list(c.token_ids) for c in samples]) if decode is not None else [c.text for c in samples]
     completions = []
-    for sample in sorted(output.outputs, key=lambda c: c.index):
+    for sample, text in zip(samples, texts, strict=True):
         if sample.finish_reason not in FINISH_REASONS:
             raise RuntimeError(
                 f"rollout request {output.request_id!r} ended with finish_reason={sample.finish_reason!r} "
@@ -83,7 +98,7 @@ def completions_from_output(output: Any, *, want_logprobs: bool) -> list[Complet
         completions.append(
             Completion(
                 token_ids=token_ids,
-                text=sample.text,
+                text=text,
                 logprobs=token_logprobs(sample.logprobs, token_ids) if want_logprobs else None,
                 finish_reason=sample.finish_reason,
             )

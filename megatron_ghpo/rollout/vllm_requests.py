@@ -24,8 +24,9 @@ class RequestBook:
         self._llm = llm
         self._rng = rng  # EngineRng: swapped in around each step
         self._ids = itertools.count()
-        self.pending: dict[str, bool] = {}
-        """vLLM request id -> whether sampled-token log-probs were requested."""
+        self._tokenizer: Any = None
+        self.pending: dict[str, tuple[bool, bool]] = {}
+        """vLLM request id -> (sampled-token log-probs requested, text to be decoded here)."""
         self.finished: dict[str, list[Completion]] = {}
         self.scores: dict[str, list[float]] = {}
 
@@ -46,18 +47,19 @@ class RequestBook:
         self, rids: list[str], rows: list[list[int]], sampling: SamplingParams, seeds: list[int | None]
     ) -> None:
         """Add one request per row; if one fails, abort those already added and re-raise."""
-        from megatron_ghpo.rollout.vllm_convert import to_vllm_sampling
+        from megatron_ghpo.rollout.vllm_convert import detokenizes_in_engine, to_vllm_sampling
 
+        flags = (sampling.logprobs, not detokenizes_in_engine(sampling))
         for k, (rid, row, seed) in enumerate(zip(rids, rows, seeds, strict=True)):
-            self._add(rid, row, to_vllm_sampling(sampling, seed=seed), sampling.logprobs, rids[:k])
+            self._add(rid, row, to_vllm_sampling(sampling, seed=seed), flags, rids[:k])
 
     def add_scoring(self, rids: list[str], rows: list[list[int]]) -> None:
         from megatron_ghpo.rollout.vllm_convert import scoring_params
 
         for k, (rid, row) in enumerate(zip(rids, rows, strict=True)):
-            self._add(rid, row, scoring_params(), False, rids[:k])
+            self._add(rid, row, scoring_params(), (False, False), rids[:k])
 
-    def _add(self, rid: str, row: list[int], params: Any, want_logprobs: bool, added: list[str]) -> None:
+    def _add(self, rid: str, row: list[int], params: Any, flags: tuple[bool, bool], added: list[str]) -> None:
         from vllm.inputs import tokens_input
 
         try:
@@ -68,7 +70,7 @@ class RequestBook:
                 for r in added:
                     self.pending.pop(r, None)
             raise
-        self.pending[rid] = want_logprobs
+        self.pending[rid] = flags
 
     def run_until(self, rids: list[str], sink: dict[str, Any]) -> None:
         """Step until every id in ``rids`` is in ``sink`` (``finished`` or ``scores``)."""
@@ -90,11 +92,18 @@ class RequestBook:
             if not out.finished:
                 continue
             rid = out.request_id
-            want = self.pending.pop(rid)
+            want, decode_here = self.pending.pop(rid)
             if rid.startswith(SCORE):
                 self.scores[rid] = prompt_scores(out)
             else:
-                self.finished[rid] = completions_from_output(out, want_logprobs=want)
+                decode = self._decode if decode_here else None
+                self.finished[rid] = completions_from_output(out, want_logprobs=want, decode=decode)
+
+    def _decode(self, rows: list[list[int]]) -> list[str]:
+        """Text of finished completions, decoded as vLLM's detokenizer would (special tokens skipped)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._llm.get_tokenizer()
+        return self._tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def clear(self) -> None:
         self.pending.clear()

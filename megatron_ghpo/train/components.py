@@ -158,6 +158,7 @@ def engine_from_config(cfg: Config, model_dir: str, *, groups: TrainerGroups):
         enable_prefix_caching=r.vllm_enable_prefix_caching,
         kv_cache_gib=None if torch.cuda.is_available() else r.vllm_kv_cache_gb,
         colocate="per_rank" if groups.world_size > 1 else "none",
+        enforce_eager=not torch.cuda.is_available() if r.vllm_enforce_eager is None else r.vllm_enforce_eager,
     )
 
 

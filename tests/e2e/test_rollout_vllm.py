@@ -95,6 +95,22 @@ def test_greedy_equals_transformers_generate(engines, models):
         assert completion.logprobs is not None and len(completion.logprobs) == len(completion.token_ids)
 
 
+def test_text_is_decoded_once_and_stop_strings_still_cut_it(engines, models):
+    from transformers import AutoTokenizer
+
+    engine, tok = engines("A"), AutoTokenizer.from_pretrained(models["A"])
+    batch = prompts(models["A"])
+    out = engine.generate(batch, SamplingParams(temperature=0.0, max_tokens=24))
+    texts = [c.text for (c,) in out]
+    assert texts == [tok.decode(c.token_ids, skip_special_tokens=True) for (c,) in out]
+    # a stop string needs vLLM's running text: those requests are detokenized inside the engine
+    i, full = max(enumerate(texts), key=lambda t: len(t[1]))
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert len(stop) == 2, f"greedy text too short to pick a stop string: {full!r}"
+    (cut,) = engine.generate([batch[i]], SamplingParams(temperature=0.0, max_tokens=24, stop=(stop,)))[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
 def test_sampled_logprobs_are_policy_log_softmax_at_temperature(engines, models):
     engine, hf = engines("A"), hf_model(models["A"])
     batch, temperature = prompts(models["A"]), 0.7

@@ -70,6 +70,30 @@ def test_memory_start_needs_fewer_passes_on_the_second_epoch():
     assert third.metrics["ghpo/generation_passes"] == 2  # B and C climb back one stage each
 
 
+def test_memory_probes_back_off_while_the_hint_is_still_needed():
+    thresholds = {"C": 0.5}
+    mem = DifficultyMemory()
+    sampler, _ = sampler_for(GHPOOptions(hint_start="memory"), thresholds=thresholds, memory=mem)
+
+    def visit(step: int) -> tuple[float, float]:
+        res = sampler.sample([problem("C")], step)
+        return mem.get("C").start_ratio, res.metrics["ghpo/generation_passes"]
+
+    starts, passes = zip(*[visit(step) for step in range(11)])
+    # cold climb to 0.5; then a probe one stage lower after 1, 2 and 4 first-try solves at 0.5, each
+    # failing (one extra pass), so the wait doubles
+    assert starts == (0.0, 0.5, 0.25, 0.5, 0.5, 0.25, 0.5, 0.5, 0.5, 0.5, 0.25)
+    assert passes == (3, 1, 2, 1, 1, 2, 1, 1, 1, 1, 2)
+    assert mem.get("C").probe_after == 8
+    # the policy outgrows the hint: the next probe (after 8 first-try solves) succeeds and resets the wait
+    thresholds["C"] = 0.0
+    starts = [visit(step)[0] for step in range(11, 20)]
+    assert starts == [0.5] * 8 + [0.25]
+    rec = mem.get("C")
+    assert rec.probe_after == 1 and rec.first_try_streak == 1
+    assert visit(20) == (0.0, 1) and visit(21) == (0.0, 1)  # probed again at once: unhinted, solved
+
+
 def test_memory_state_dict_round_trip_and_errors():
     mem = DifficultyMemory()
     mem.update(VisitOutcome(uid="x", step=3, start_ratio=0.0, solved_ratio=0.5, unhinted_solved=False))

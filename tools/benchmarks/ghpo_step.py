@@ -1,8 +1,10 @@
 """GHPO vs GRPO step time at equal prompts per step, on the tiny CPU setup (same seed, same data).
 
-Runs `megatron-ghpo train` twice (TP=2 over 2 gloo ranks) from the same model folder and dataset,
-once with `examples/tiny-cpu/ghpo.yaml` and once with `grpo.yaml` (16 prompts x G=8 per step), and
-compares the mean step time over the steps after the first (which pays one-time compilation).
+Runs `megatron-ghpo train` (TP=2 over 2 gloo ranks) from the same model folder and dataset with
+`examples/tiny-cpu/ghpo.yaml` and with `grpo.yaml` (16 prompts x G=8 per step), alternating the two
+``--repeats`` times (the trajectories repeat exactly; the timings of each step are averaged over the
+repeats, so a slow drift of the machine's speed hits both methods alike), and compares the mean step
+time over the steps after the first (which pays one-time compilation).
 
 Training runs for several epochs over a subset of the RL set (``--problems``, ``--epochs``), as the
 seed recipe does (5 epochs): the first epoch shows the cold ladder (every difficult group climbs from
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPTS_PER_STEP = 16  # examples/tiny-cpu/{ghpo,grpo}.yaml: 32 x 4 sequences / G=8 per step
 
 
-def run(method: str, args: argparse.Namespace, data: Path, steps: int, out: Path) -> list[dict]:
+def run(method: str, args: argparse.Namespace, data: Path, steps: int, out: Path, overrides: list[str]) -> list[dict]:
     from megatron_ghpo.train.metrics import read_metrics
 
     cmd = [
@@ -46,6 +48,7 @@ def run(method: str, args: argparse.Namespace, data: Path, steps: int, out: Path
         "--set", "save_strategy=no",
         "--set", "overwrite_output_dir=true",
         "--set", f"seed={args.seed}",
+        *[a for kv in overrides for a in ("--set", kv)],
     ]  # fmt: skip
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "MEGATRON_GHPO_NO_PROGRESS": "1"}
     with open(out.with_suffix(".log"), "w") as log:
@@ -53,6 +56,17 @@ def run(method: str, args: argparse.Namespace, data: Path, steps: int, out: Path
     if r.returncode != 0:
         sys.exit(f"{method} run failed (exit {r.returncode}); see {out.with_suffix('.log')}")
     return read_metrics(out / "metrics.jsonl")
+
+
+def average_runs(runs: list[list[dict]]) -> list[dict]:
+    """Per-step means over repeated runs of one method (same seed: the same trajectory, other timings)."""
+    steps = min(len(r) for r in runs)
+    out = []
+    for i in range(steps):
+        keys = set.intersection(*(set(r[i]) for r in runs))
+        out.append({k: statistics.fmean(r[i][k] for r in runs) for k in keys
+                    if all(isinstance(r[i][k], (int, float)) for r in runs)})
+    return out
 
 
 def mean(rows: list[dict], key: str) -> float:
@@ -65,6 +79,8 @@ KEYS = [
     "ghpo/generation_passes",
     "ghpo/generated_groups",
     "ghpo/memory_started_groups",
+    "ghpo/hinted_groups",
+    "ghpo/unsolved_after_ladder",
     "train/num_tokens",
     "perf/input_tokens",
     "perf/padded_tokens",
@@ -93,6 +109,10 @@ def main() -> int:
     ap.add_argument("--problems", type=int, default=64, help="RL problems used (the first N rows)")
     ap.add_argument("--epochs", type=int, default=5, help="epochs over the problems (the seed recipe trains 5)")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="runs per method, alternating GRPO and GHPO so slow drifts of the machine hit both alike")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for both runs (repeatable)")
     args = ap.parse_args()
     for p in (args.model, args.data):
         if not Path(p).exists():
@@ -107,9 +127,19 @@ def main() -> int:
     data.write_text("\n".join(rows) + "\n")
     per_epoch = args.problems // PROMPTS_PER_STEP
     steps = per_epoch * args.epochs
-    results = {m: run(m, args, data, steps, tmp / m) for m in ("grpo", "ghpo")}
+    if args.repeats < 1:
+        sys.exit("--repeats must be >= 1")
+    runs: dict[str, list[list[dict]]] = {"grpo": [], "ghpo": []}
+    for rep in range(args.repeats):
+        for m in runs:
+            runs[m].append(run(m, args, data, steps, tmp / f"{m}{rep}", args.overrides))
+    for m, rs in runs.items():
+        if any([r.get("train/loss") for r in x] != [r.get("train/loss") for r in rs[0]] for x in rs[1:]):
+            print(f"note: the {m} runs did not repeat the same trajectory (losses differ)")
+    results = {m: average_runs(rs) for m, rs in runs.items()}
     print(f"{PROMPTS_PER_STEP} prompts x G=8 per step (same config for both), {args.problems} problems, "
-          f"{args.epochs} epochs = {steps} steps, seed {args.seed}; step 1 excluded; runs under {tmp}")
+          f"{args.epochs} epochs = {steps} steps, seed {args.seed}, {args.repeats} alternating run(s) per method "
+          f"averaged per step; step 1 excluded; overrides {args.overrides or 'none'}; runs under {tmp}")
     for e in range(args.epochs):
         lo, hi = max(1, e * per_epoch), (e + 1) * per_epoch
         block(f"epoch {e + 1} (steps {lo + 1}..{hi})", results["grpo"][lo:hi], results["ghpo"][lo:hi])

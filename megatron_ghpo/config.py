@@ -188,6 +188,10 @@ class GHPOConfig:
     hint_skip_repeats: bool = True
     """Leave out ladder stages whose hint would repeat the previous stage's (``false``: every stage, as
     the reference)."""
+    hint_retry: Literal["same_step", "next_step"] = "same_step"
+    """`same_step` (the reference): a difficult group climbs the ladder within the step. `next_step`: its
+    hinted retry is generated in the next step's one generation pass (with that step's weights) and
+    trained then, so no step waits for a chain of regenerations."""
     streaming: bool = True
     """Queue hinted regenerations as soon as a group is known difficult (engines that support it)."""
     dynamic_sampling: bool = False
@@ -204,6 +208,11 @@ class GHPOConfig:
         _require(self.start_hint_step >= 0, "start_hint_step", self.start_hint_step, "must be >= 0")
         _require(self.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds",
                  self.dynamic_sampling_max_rounds, "must be >= 1")
+        if self.hint_retry == "next_step":
+            _require(self.hint_prompt_consistency == "fixed", "hint_prompt_consistency", self.hint_prompt_consistency,
+                     "must be fixed with hint_retry: next_step (each group is trained on the prompt it was sampled from)")
+            _require(not self.dynamic_sampling, "dynamic_sampling", self.dynamic_sampling,
+                     "cannot be combined with hint_retry: next_step; use hint_retry: same_step")
 
 
 @dataclass(kw_only=True)
@@ -404,6 +413,12 @@ class Config:
                 f"global batch = per_device_train_batch_size ({t.per_device_train_batch_size}) x data-parallel size "
                 f"({dp}) x gradient_accumulation_steps ({t.gradient_accumulation_steps}) = {total} completions, "
                 f"not divisible by num_generations ({g}); make it a multiple of {g}"
+            )
+        if self.ghpo.hint_retry == "next_step" and self.parallel.virtual_pipeline_model_parallel_size:
+            raise ConfigError(
+                "hint_retry: next_step trains a number of groups that varies from step to step, which the interleaved "
+                "pipeline schedule (virtual_pipeline_model_parallel_size, a multiple of PP micro-batches) cannot "
+                "take; use hint_retry: same_step or no virtual pipeline"
             )
         if self.parallel.sequence_parallel and self.parallel.tensor_model_parallel_size == 1:
             raise ConfigError("sequence_parallel=True needs tensor_model_parallel_size > 1")

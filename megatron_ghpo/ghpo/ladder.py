@@ -10,6 +10,7 @@ Multi-rank contract (deterministic and deadlock-free): ``any_global(flag)`` is a
 * batched: before pass p (p = 1..K) every rank calls ``any_global(this rank has a slot that needs
   pass p)``; all ranks stop at the same p because they see the same result. A rank with nothing
   to regenerate still takes part in the call and skips the engine call.
+* single pass (``RoundContext.single_pass``, the ``next_step`` retry mode): no calls at all.
 * streaming: each rank decides per group locally (a difficult group is resubmitted as soon as it
   is scored — the global decision could only ever regenerate a rank's *own* difficult groups, so
   deciding locally trains exactly the same groups); afterwards every rank makes exactly K calls
@@ -43,7 +44,11 @@ class Slot:
     """The pass-0 unhinted group (for ``ghpo/acc_unhinted``), when stage 0 was sampled."""
     solved_rung: int | None = None
     generated: list[int] = field(default_factory=list)
-    """Stages this slot was sampled at, in order."""
+    """Stages this slot was sampled at, in order (over steps, for a retry carried to the next step)."""
+    generated_before: int = 0
+    """Entries of ``generated`` from earlier steps (``hint_retry: next_step``; 0 otherwise)."""
+    unhinted_solved: bool | None = None
+    """Outcome of the unhinted group: True solved, False difficult, None not sampled or unknown."""
     path: list[int] | None = None
     """Stages this slot may visit, ascending from ``start_rung`` (None: every stage from ``start_rung``
     to the top). The sampler leaves out stages whose hint would repeat the previous one's."""
@@ -70,6 +75,9 @@ class RoundContext:
     round_index: int
     score_metrics: dict[str, float] = field(default_factory=dict)
     """Metrics of the round's scorer calls and engine time, combined over calls (``call_metrics``)."""
+    single_pass: bool = False
+    """One generation pass, no regeneration within the round (``hint_retry: next_step``: the sampler
+    carries difficult slots to the next step instead); no ``any_global`` calls are made."""
 
     @property
     def top(self) -> int:
@@ -129,6 +137,7 @@ def _settle(ctx: RoundContext, slot: Slot, group: Group) -> None:
     slot.generated.append(slot.rung)
     if slot.rung == 0 and group.prompt.hint_ratio == 0.0:
         slot.unhinted_group = group
+        slot.unhinted_solved = True if is_solved(group) else (False if is_difficult(group) else None)
     if slot.solved_rung is None and is_solved(group):
         slot.solved_rung = slot.rung
 
@@ -151,10 +160,13 @@ def needs_next(ctx: RoundContext, slot: Slot) -> bool:
     )
 
 
-def _climb(ctx: RoundContext, slot: Slot) -> None:
+def next_stage(ctx: RoundContext, slot: Slot) -> None:
+    """Move the slot to the next stage of its path."""
     nxt = next_rung(ctx, slot)
     assert nxt is not None, "climb past the end of the slot's path"
     slot.rung = nxt
+
+
 
 
 def _make_group(ctx: RoundContext, slot: Slot, prompt: Prompt, comps: list[Completion]) -> Group:
@@ -166,13 +178,13 @@ def run_batched(ctx: RoundContext, slots: list[Slot]) -> int:
     """Batched ladder; returns the number of generation passes that ran on any rank."""
     active = list(slots)
     passes = 0
-    for p in range(ctx.top + 1 if ctx.climb else 1):
+    for p in range(ctx.top + 1 if ctx.climb and not ctx.single_pass else 1):
         if p > 0:
             active = [s for s in slots if needs_next(ctx, s)]
             if not ctx.any_global(bool(active)):
                 break
             for s in active:
-                _climb(ctx, s)
+                next_stage(ctx, s)
         passes += 1
         if not active:
             continue
@@ -223,13 +235,13 @@ def run_streaming(ctx: RoundContext, slots: list[Slot]) -> int:
         _score(ctx, [g for _, g in batch])
         for slot, g in batch:
             _settle(ctx, slot, g)
-            if needs_next(ctx, slot):
-                _climb(ctx, slot)
+            if not ctx.single_pass and needs_next(ctx, slot):
+                next_stage(ctx, slot)
                 submit(slot)
     if inflight:
         raise RuntimeError(f"engine reported no pending work but {len(inflight)} requests never returned")
     passes = 1
-    for p in range(1, ctx.top + 1 if ctx.climb else 1):
+    for p in range(1, ctx.top + 1 if ctx.climb and not ctx.single_pass else 1):
         ran_here = any(len(s.generated) > p for s in slots)
         if ctx.any_global(ran_here):
             passes += 1

@@ -21,6 +21,9 @@ Keys (K = number of ladder ratios):
   started above stage 0, and the passes that saved.
 * ``ghpo/repeat_stages_skipped``: ladder stages left out of the groups' paths because their hint
   would have repeated the previous stage's (``hint_skip_repeats``).
+* ``ghpo/deferred_groups`` / ``ghpo/retried_groups`` (``hint_retry: next_step``): difficult groups set
+  aside for a hinted retry in the next step / retries carried over from the previous step and sampled
+  in this one (0 with ``same_step``).
 * ``ghpo/hinted_groups``: trained groups whose completions were sampled from a hinted prompt.
 * ``train/acc``: mean known accuracy of the trained completions (after hints).
 * ``ghpo/hint_ratio_mean`` and ``ghpo/hint_ratio/{r}`` for r in {0, ladder…}: the fraction of
@@ -59,25 +62,34 @@ class StepStats:
     memory_started: int = 0
     memory_skipped: int = 0
     skipped_stages: int = 0
+    deferred: int = 0
+    retried: int = 0
     unhinted_acc: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.difficult_at = [0] * self.num_stages
 
     def add_round(self, slots: list[Slot], passes: int, *, top: int, climb: bool, from_memory: bool) -> None:
-        """Fold one round's slots into the counters."""
-        self.entered += len(slots)
+        """Fold one round's slots into the counters. A slot carried over from an earlier step
+        (``generated_before > 0``) counts only what it generated in this round: it entered the
+        ladder, and was counted as such, in the step that first sampled it."""
         self.passes += passes
         for s in slots:
-            self.generated += len(s.generated)
-            self.regenerated += max(0, len(s.generated) - 1)
-            if s.path is not None:
-                self.skipped_stages += self.num_stages - s.start_rung - len(s.path)
-            if from_memory and s.start_rung > 0:
-                self.memory_started += 1
-                self.memory_skipped += s.start_rung
-            if s.unhinted_group is not None:
-                self.unhinted_acc.extend(known_accuracies([s.unhinted_group]))
+            fresh = s.generated_before == 0
+            new = len(s.generated) - s.generated_before
+            self.generated += new
+            self.regenerated += max(0, new - 1) if fresh else new
+            if fresh:
+                self.entered += 1
+                if s.path is not None:
+                    self.skipped_stages += self.num_stages - s.start_rung - len(s.path)
+                if from_memory and s.start_rung > 0:
+                    self.memory_started += 1
+                    self.memory_skipped += s.start_rung
+                if s.unhinted_group is not None:
+                    self.unhinted_acc.extend(known_accuracies([s.unhinted_group]))
+            else:
+                self.retried += 1
             assert s.group is not None
             if has_unknown_accuracy(s.group):
                 self.nan_groups += 1
@@ -89,8 +101,9 @@ class StepStats:
             self._count_difficult(s)
 
     def _count_difficult(self, slot: Slot) -> None:
-        # Stages before the last were difficult by construction (that is why the slot climbed).
-        for k in slot.generated[:-1]:
+        # Stages before the last were difficult by construction (that is why the slot climbed); only
+        # this round's generations count.
+        for k in slot.generated[slot.generated_before : -1]:
             self.difficult_at[k] += 1
         assert slot.group is not None
         if is_difficult(slot.group):
@@ -107,7 +120,7 @@ class StepStats:
                     f"vs {self.num_stages} / {self.passes})"
                 )
             for name in ("entered", "unsolved", "unhintable", "generated", "regenerated", "nan_groups",
-                         "memory_started", "memory_skipped", "skipped_stages"):  # fmt: skip
+                         "memory_started", "memory_skipped", "skipped_stages", "deferred", "retried"):  # fmt: skip
                 setattr(out, name, getattr(out, name) + getattr(s, name))
             out.difficult_at = [a + b for a, b in zip(out.difficult_at, s.difficult_at)]
             out.unhinted_acc.extend(s.unhinted_acc)
@@ -131,6 +144,8 @@ class StepStats:
         m["ghpo/memory_started_groups"] = float(self.memory_started)
         m["ghpo/memory_skipped_passes"] = float(self.memory_skipped)
         m["ghpo/repeat_stages_skipped"] = float(self.skipped_stages)
+        m["ghpo/deferred_groups"] = float(self.deferred)
+        m["ghpo/retried_groups"] = float(self.retried)
         m["ghpo/hinted_groups"] = float(sum(1 for g in trained if g.prompt.hint_ratio > 0))
         accs = known_accuracies(trained)
         if accs:

@@ -11,6 +11,7 @@ from megatron_ghpo.ghpo.hints import HINT_SPLITS, HINT_TEMPLATE
 RL_TYPES = ("ghpo", "grpo", "grpo_fixed_hint")
 CONSISTENCY_MODES = ("fixed", "faithful")
 HINT_STARTS = ("ladder", "memory")
+HINT_RETRIES = ("same_step", "next_step")
 
 
 def _ratio_ok(x: object) -> bool:
@@ -47,6 +48,14 @@ class GHPOOptions:
     """Leave out ladder stages whose hint would repeat the previous stage's (a ``line``/``sentence``
     cut that reaches no further boundary, or an empty first hint): such a stage is a plain retry of
     a prompt just found difficult. ``false`` runs every stage, as the reference does."""
+    hint_retry: str = "same_step"
+    """When a difficult group's hinted regeneration runs. ``same_step`` (the reference): the group
+    climbs the ladder within the step, each stage a generation after the previous one is scored, and
+    the step trains its hinted version. ``next_step``: the group is set aside (not trained), and its
+    next stage is generated in the next step's single generation pass, with that step's weights, and
+    trained then, so every step runs exactly one generation pass. A worker whose every group is set
+    aside also trains them as sampled, so no step trains an empty batch. Needs
+    ``hint_prompt_consistency: fixed`` and no dynamic sampling."""
     streaming: bool = False
     """Queue hinted regenerations as soon as a group is known to be difficult (needs a
     StreamingRolloutEngine)."""
@@ -90,6 +99,15 @@ class GHPOOptions:
             )
         if self.hint_start not in HINT_STARTS:
             raise ValueError(f"ghpo.hint_start must be one of {HINT_STARTS}, got {self.hint_start!r}")
+        if self.hint_retry not in HINT_RETRIES:
+            raise ValueError(f"ghpo.hint_retry must be one of {HINT_RETRIES}, got {self.hint_retry!r}")
+        if self.hint_retry == "next_step" and self.hint_prompt_consistency != "fixed":
+            raise ValueError(
+                "ghpo.hint_retry: next_step trains every group on the prompt it was sampled from; "
+                "set hint_prompt_consistency: fixed"
+            )
+        if self.hint_retry == "next_step" and self.dynamic_sampling:
+            raise ValueError("ghpo.hint_retry: next_step cannot be combined with dynamic_sampling; use same_step")
         for name in ("streaming", "dynamic_sampling", "hint_skip_repeats"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(  # noqa: TRY004

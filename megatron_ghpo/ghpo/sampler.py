@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from megatron_ghpo.call_metrics import combine_call_metrics, finished
-from megatron_ghpo.ghpo.difficulty import is_difficult, is_solved
+from megatron_ghpo.ghpo.difficulty import is_difficult
 from megatron_ghpo.ghpo.hints import hint_prefix
-from megatron_ghpo.ghpo.ladder import RoundContext, Slot, run_batched, run_streaming
+from megatron_ghpo.ghpo.ladder import RoundContext, Slot, needs_next, next_stage, run_batched, run_streaming
 from megatron_ghpo.ghpo.memory import DifficultyMemory, VisitOutcome
 from megatron_ghpo.ghpo.metrics import StepStats
 from megatron_ghpo.ghpo.options import GHPOOptions
@@ -34,6 +34,9 @@ from megatron_ghpo.records import Group, Problem, Prompt
 from megatron_ghpo.rollout.base import RolloutEngine, SamplingParams, StreamingRolloutEngine
 
 logger = get_logger(__name__)
+
+
+CARRY_VERSION = 1
 
 
 def _identity(flag: bool) -> bool:
@@ -123,6 +126,42 @@ class GHPOSampler:
         self.memory = memory
         self.refill = refill
         self.gather_objects = gather_objects
+        self._carry: list[Slot] = []
+        """Difficult slots set aside for a hinted retry in the next step (``hint_retry: next_step``)."""
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state that outlives a step: the retries set aside for the next step."""
+        return {
+            "version": CARRY_VERSION,
+            "carry": [
+                {"problem": asdict(s.problem), "start_rung": s.start_rung, "rung": s.rung, "path": s.path,
+                 "generated": list(s.generated), "unhinted_solved": s.unhinted_solved}
+                for s in self._carry
+            ],
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (e.g. from a checkpoint): the next step samples these retries."""
+        if not isinstance(state, dict) or state.get("version") != CARRY_VERSION or not isinstance(state.get("carry"), list):
+            raise ValueError(
+                f"sampler state must be {{'version': {CARRY_VERSION}, 'carry': [...]}}, got "
+                f"{sorted(state) if isinstance(state, dict) else type(state).__name__}"
+            )
+        carry = []
+        for i, d in enumerate(state["carry"]):
+            try:
+                carry.append(Slot(index=i, problem=Problem(**d["problem"]), start_rung=int(d["start_rung"]),
+                                  rung=int(d["rung"]), path=d["path"], generated=list(d["generated"]),
+                                  generated_before=len(d["generated"]), unhinted_solved=d["unhinted_solved"]))  # fmt: skip
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"sampler state: carried retry {i} is malformed ({exc})") from None
+        self._carry = carry
+
+    @property
+    def pending_retries(self) -> int:
+        """Retries set aside for the next step on this worker."""
+        return len(self._carry)
 
     # ---------------------------------------------------------------- mode
     def _mode(self, step: int) -> tuple[list[float], bool]:
@@ -168,10 +207,13 @@ class GHPOSampler:
 
     # ---------------------------------------------------------------- rounds
     def _run_round(
-        self, problems: list[Problem], step: int, index: int, stats: StepStats, score_metrics: dict
-    ) -> list[Slot]:
+        self, problems: list[Problem], step: int, index: int, stats: StepStats, score_metrics: dict,
+        carried: list[Slot] | None = None,
+    ) -> tuple[list[Slot], list[Slot]]:
+        """Sample ``problems`` (and the slots ``carried`` over from the previous step, first) through
+        the ladder; returns (finished slots, slots set aside for the next step)."""
         rungs, climb = self._mode(step)
-        slots = []
+        slots = list(carried or [])
         for i, p in enumerate(problems):
             if not isinstance(p, Problem):
                 raise TypeError(
@@ -183,6 +225,9 @@ class GHPOSampler:
                 path = self._distinct_path(p, rungs, start)
                 start = path[0]
             slots.append(Slot(index=i, problem=p, start_rung=start, rung=start, path=path))
+        for i, slot in enumerate(slots):
+            slot.index = i  # request ids: unique within the round
+        deferring = climb and self.options.hint_retry == "next_step"
         ctx = RoundContext(
             engine=self.engine,
             render=self.render,
@@ -194,15 +239,22 @@ class GHPOSampler:
             step=step,
             round_index=index,
             score_metrics=score_metrics,
+            single_pass=deferring,
         )
         run = run_streaming if self.options.streaming else run_batched
         passes = run(ctx, slots)
+        later = [s for s in slots if deferring and needs_next(ctx, s)]
+        finished = [s for s in slots if not (deferring and needs_next(ctx, s))]
         self._assign_train_prompts(slots, climb)
         stats.add_round(
             slots, passes, top=len(rungs) - 1, climb=climb, from_memory=self.options.hint_start == "memory"
         )
-        self._remember(slots, rungs, climb, step)
-        return slots
+        stats.deferred += len(later)
+        self._remember(finished, rungs, climb, step)
+        for s in later:  # the next step samples their next stage
+            next_stage(ctx, s)
+            s.generated_before = len(s.generated)
+        return finished, later
 
     def _assign_train_prompts(self, slots: list[Slot], climb: bool) -> None:
         faithful = climb and self.options.hint_prompt_consistency == "faithful"
@@ -222,13 +274,6 @@ class GHPOSampler:
         outcomes = []
         for s in slots:
             assert s.group is not None
-            unhinted = None
-            if s.unhinted_group is not None:
-                unhinted = (
-                    True
-                    if is_solved(s.unhinted_group)
-                    else (False if is_difficult(s.unhinted_group) else None)
-                )
             conclusive = climb and (
                 s.solved_rung is not None or (is_difficult(s.group) and s.problem.hint is not None)
             )
@@ -238,7 +283,7 @@ class GHPOSampler:
                     step=step,
                     start_ratio=rungs[s.start_rung],
                     solved_ratio=rungs[s.solved_rung] if s.solved_rung is not None else None,
-                    unhinted_solved=unhinted,
+                    unhinted_solved=s.unhinted_solved,
                     conclusive=conclusive,
                 )
             )
@@ -253,8 +298,14 @@ class GHPOSampler:
         rungs, _ = self._mode(step)
         stats = StepStats(rungs=rungs, num_stages=len(rungs))
         score_metrics: dict[str, float] = {}
-        slots = self._run_round(list(problems), step, 0, stats, score_metrics)
+        carried, self._carry = self._carry, []
+        slots, later = self._run_round(list(problems), step, 0, stats, score_metrics, carried)
+        self._carry = later
         groups = [s.group for s in slots]
+        if not groups and later:
+            # nothing finished on this worker: train the set-aside groups as sampled too (their retries
+            # still run next step), so no step trains an empty batch
+            groups = [s.group for s in later]
         extra: dict[str, float] = {}
         if self.options.dynamic_sampling:
             groups, extra = self._dynamic_sampling(groups, len(problems), step, stats, score_metrics)
@@ -280,7 +331,7 @@ class GHPOSampler:
             fresh = list(self.refill(missing)) if missing > 0 else []  # type: ignore[misc]
             if len(fresh) > missing:
                 raise ValueError(f"refill returned {len(fresh)} problems when {missing} were asked for")
-            slots = self._run_round(fresh, step, rounds, stats, score_metrics)
+            slots, _ = self._run_round(fresh, step, rounds, stats, score_metrics)
             for s in slots:
                 (dropped if _zero_variance(s.group) else kept).append(s.group)
         filler = dropped[: max(0, target - len(kept))]

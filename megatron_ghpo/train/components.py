@@ -66,7 +66,8 @@ def ghpo_options(cfg: Config, *, streaming: bool):
     return GHPOOptions(rl_type=g.rl_type, hint_ladder=list(g.hint_ladder), hint_ratio=g.hint_ratio,
                        start_hint_step=g.start_hint_step, hint_template=g.hint_template, hint_split=g.hint_split,
                        hint_guard=g.hint_guard, hint_prompt_consistency=g.hint_prompt_consistency,
-                       hint_start=g.hint_start, hint_skip_repeats=g.hint_skip_repeats, streaming=streaming,
+                       hint_start=g.hint_start, hint_skip_repeats=g.hint_skip_repeats, hint_retry=g.hint_retry,
+                       streaming=streaming,
                        dynamic_sampling=g.dynamic_sampling, dynamic_sampling_max_rounds=g.dynamic_sampling_max_rounds)
 
 

@@ -182,6 +182,7 @@ class Trainer:
         self.c.policy.save_checkpoint(tmp / "policy")
         save_trainer_state(tmp, step=n, weight_version=self.weight_version,
                            memory=self.c.memory.state_dict() if self.c.memory is not None else None,
+                           sampler=self.c.sampler.state_dict() if self.c.sampler is not None else None,
                            rank=self.c.groups.rank)
         barrier()
         if self.c.groups.rank == 0:
@@ -197,6 +198,8 @@ class Trainer:
         self.start_step = state["step"]
         if self.c.memory is not None and state.get("memory") is not None:
             self.c.memory.load_state_dict(state["memory"])
+        if self.c.sampler is not None and state.get("sampler") is not None:
+            self.c.sampler.load_state_dict(state["sampler"])
         self.weight_version = state["weight_version"]
         self._sync_weights()  # the engine started from the HF weights; give it the resumed ones
         self.weight_version = state["weight_version"]

@@ -1,5 +1,6 @@
 """Trainer state beside the policy checkpoint: step (= data position), weight version, GHPO
-difficulty memory (each rollout leader keeps its own), and the RNG states of every rank (one file per rank)."""
+difficulty memory (each rollout leader keeps its own), the GHPO retries each rollout worker carries to
+the next step (``hint_retry: next_step``), and the RNG states of every rank (one file per rank)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
 
 
-def save_trainer_state(ckpt_dir: Path, *, step: int, weight_version: int, memory: dict | None, rank: int) -> None:
-    state = {"step": step, "weight_version": weight_version, "rng": _rng_state(), "memory": memory}
+def save_trainer_state(ckpt_dir: Path, *, step: int, weight_version: int, memory: dict | None, rank: int,
+                       sampler: dict | None = None) -> None:
+    """``sampler``: this rollout worker's :meth:`GHPOSampler.state_dict` (retries carried to the next step)."""
+    state = {"step": step, "weight_version": weight_version, "rng": _rng_state(), "memory": memory, "sampler": sampler}
     torch.save(state, Path(ckpt_dir) / f"trainer_state_rank{rank}.pt")
 
 

@@ -97,11 +97,14 @@ def test_ghpo_steps_train_and_sync_into_the_engine(workspace):
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(workspace):
+    # both kinds of GHPO state that outlive a step: the difficulty memory and the retries set aside
+    # for the next step (hint_retry: next_step)
+    state = ("--set", "save_steps=3", "--set", "hint_start=memory", "--set", "hint_retry=next_step")
     straight = workspace["root"] / "straight"
-    rc, log = run_cli(base_args(workspace, straight, 6, "--set", "save_steps=3"))
+    rc, log = run_cli(base_args(workspace, straight, 6, *state))
     assert rc == 0, log[-5000:]
     resumed = workspace["root"] / "resumed"
-    p = cli(base_args(workspace, resumed, 6, "--set", "save_steps=3"))
+    p = cli(base_args(workspace, resumed, 6, *state))
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not (resumed / "checkpoints" / "step_3" / "COMPLETE").exists():
         assert p.poll() is None, p.stdout.read()[-5000:]
@@ -109,13 +112,15 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(workspace):
         time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL)  # every rank and the launcher die at once, as on a node failure
     p.wait()
-    rc, log = run_cli(base_args(workspace, resumed, 6, "--set", "save_steps=3", "--resume", "auto"))
+    rc, log = run_cli(base_args(workspace, resumed, 6, *state, "--resume", "auto"))
     assert rc == 0, log[-5000:]
     a = {r["step"]: r for r in read_metrics(straight / "metrics.jsonl")}
     b = {r["step"]: r for r in read_metrics(resumed / "metrics.jsonl")}
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert a[4]["ghpo/retried_groups"] > 0, "no retry crossed the checkpoint: the test would not check the carry"
+    assert all(a[s]["ghpo/generation_passes"] == 1 for s in a)
     for step in (4, 5, 6):
-        for key in ("train/loss", "train/reward", "train/grad_norm"):
+        for key in ("train/loss", "train/reward", "train/grad_norm", "ghpo/retried_groups", "ghpo/memory_started_groups"):
             assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
 
 

@@ -1,9 +1,10 @@
 """GHPO vs GRPO step time at equal prompts per step, on the tiny CPU setup (same seed, same data).
 
 Runs `megatron-ghpo train` (TP=2 over 2 gloo ranks) from the same model folder and dataset with
-`examples/tiny-cpu/ghpo.yaml` and with `grpo.yaml` (16 prompts x G=8 per step), alternating the two
+`examples/tiny-cpu/grpo.yaml` and with `ghpo.yaml` in both retry modes (``hint_retry: same_step``, the
+reference's in-step ladder, and ``next_step``), 16 prompts x G=8 per step, cycling through the three
 ``--repeats`` times (the trajectories repeat exactly; the timings of each step are averaged over the
-repeats, so a slow drift of the machine's speed hits both methods alike), and compares the mean step
+repeats, so a slow drift of the machine's speed hits every column alike), and compares the mean step
 time over the steps after the first (which pays one-time compilation).
 
 Training runs for several epochs over a subset of the RL set (``--problems``, ``--epochs``), as the
@@ -17,7 +18,7 @@ problems themselves (GHPO's first-pass fraction drops once the memory hints know
     python tools/benchmarks/ghpo_step.py --model outputs/demo/sft/hf --data outputs/demo/data/rl_train.jsonl
 
 Without --model/--data it uses the CPU demo's SFT model and RL set (run `make demo` first).
-Last line: ghpo_over_grpo_step_time=X (whole run, steps 2..N).
+Last line: ghpo_over_grpo_step_time=X (whole run, steps 2..N) for the retry mode ghpo.yaml configures.
 """
 
 from __future__ import annotations
@@ -35,12 +36,19 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPTS_PER_STEP = 16  # examples/tiny-cpu/{ghpo,grpo}.yaml: 32 x 4 sequences / G=8 per step
 
 
-def run(method: str, args: argparse.Namespace, data: Path, steps: int, out: Path, overrides: list[str]) -> list[dict]:
+RUNS = {  # column -> (config in examples/tiny-cpu, overrides of that column)
+    "GRPO": ("grpo", []),
+    "GHPO same_step": ("ghpo", ["hint_retry=same_step"]),
+    "GHPO next_step": ("ghpo", ["hint_retry=next_step"]),
+}
+
+
+def run(config: str, args: argparse.Namespace, data: Path, steps: int, out: Path, overrides: list[str]) -> list[dict]:
     from megatron_ghpo.train.metrics import read_metrics
 
     cmd = [
         sys.executable, "-m", "megatron_ghpo.cli", "train",
-        "--config", str(ROOT / "examples/tiny-cpu" / f"{method}.yaml"),
+        "--config", str(ROOT / "examples/tiny-cpu" / f"{config}.yaml"),
         "--set", f"model_name_or_path={args.model}",
         "--set", f"dataset_name={data}",
         "--set", f"output_dir={out}",
@@ -54,7 +62,7 @@ def run(method: str, args: argparse.Namespace, data: Path, steps: int, out: Path
     with open(out.with_suffix(".log"), "w") as log:
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=3600, cwd=ROOT)
     if r.returncode != 0:
-        sys.exit(f"{method} run failed (exit {r.returncode}); see {out.with_suffix('.log')}")
+        sys.exit(f"{out.name} run failed (exit {r.returncode}); see {out.with_suffix('.log')}")
     return read_metrics(out / "metrics.jsonl")
 
 
@@ -81,6 +89,9 @@ KEYS = [
     "ghpo/memory_started_groups",
     "ghpo/hinted_groups",
     "ghpo/unsolved_after_ladder",
+    "ghpo/deferred_groups",
+    "ghpo/retried_groups",
+    "train/num_sequences",
     "train/num_tokens",
     "perf/input_tokens",
     "perf/padded_tokens",
@@ -93,13 +104,15 @@ KEYS = [
 ]
 
 
-def block(title: str, grpo: list[dict], ghpo: list[dict]) -> float:
-    print(f"{title:34s} {'GRPO':>10s} {'GHPO':>10s}")
+def block(title: str, results: dict[str, list[dict]]) -> dict[str, float]:
+    """Print one table block; returns each GHPO column's step-time ratio to GRPO."""
+    print(f"{title:34s}" + "".join(f"{c:>16s}" for c in results))
     for k in KEYS:
-        print(f"  {k:32s} {mean(grpo, k):10.3f} {mean(ghpo, k):10.3f}")
-    ratio = mean(ghpo, "perf/step_s") / mean(grpo, "perf/step_s")
-    print(f"  {'step time ratio GHPO/GRPO':32s} {ratio:21.3f}")
-    return ratio
+        print(f"  {k:32s}" + "".join(f"{mean(rows, k):16.3f}" for rows in results.values()))
+    base = mean(results["GRPO"], "perf/step_s")
+    ratios = {c: mean(rows, "perf/step_s") / base for c, rows in results.items() if c != "GRPO"}
+    print(f"  {'step time ratio to GRPO':32s}{'':16s}" + "".join(f"{r:16.3f}" for r in ratios.values()))
+    return ratios
 
 
 def main() -> int:
@@ -110,9 +123,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=5, help="epochs over the problems (the seed recipe trains 5)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--repeats", type=int, default=2,
-                    help="runs per method, alternating GRPO and GHPO so slow drifts of the machine hit both alike")
+                    help="runs per column, cycling through the columns so slow drifts of the machine hit all alike")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for both runs (repeatable)")
+                    help="config override for every run (repeatable)")
     args = ap.parse_args()
     for p in (args.model, args.data):
         if not Path(p).exists():
@@ -129,24 +142,35 @@ def main() -> int:
     steps = per_epoch * args.epochs
     if args.repeats < 1:
         sys.exit("--repeats must be >= 1")
-    runs: dict[str, list[list[dict]]] = {"grpo": [], "ghpo": []}
+    runs: dict[str, list[list[dict]]] = {c: [] for c in RUNS}
     for rep in range(args.repeats):
-        for m in runs:
-            runs[m].append(run(m, args, data, steps, tmp / f"{m}{rep}", args.overrides))
-    for m, rs in runs.items():
+        for c, (config, own) in RUNS.items():
+            out = tmp / f"{c.lower().replace(' ', '_')}{rep}"
+            runs[c].append(run(config, args, data, steps, out, [*args.overrides, *own]))
+    for c, rs in runs.items():
         if any([r.get("train/loss") for r in x] != [r.get("train/loss") for r in rs[0]] for x in rs[1:]):
-            print(f"note: the {m} runs did not repeat the same trajectory (losses differ)")
-    results = {m: average_runs(rs) for m, rs in runs.items()}
-    print(f"{PROMPTS_PER_STEP} prompts x G=8 per step (same config for both), {args.problems} problems, "
-          f"{args.epochs} epochs = {steps} steps, seed {args.seed}, {args.repeats} alternating run(s) per method "
-          f"averaged per step; step 1 excluded; overrides {args.overrides or 'none'}; runs under {tmp}")
+            print(f"note: the {c} runs did not repeat the same trajectory (losses differ)")
+    results = {c: average_runs(rs) for c, rs in runs.items()}
+    print(f"{PROMPTS_PER_STEP} prompts x G=8 per step (the same config for all but hint_retry), {args.problems} "
+          f"problems, {args.epochs} epochs = {steps} steps, seed {args.seed}, {args.repeats} alternating run(s) per "
+          f"column averaged per step; step 1 excluded; overrides {args.overrides or 'none'}; runs under {tmp}")
     for e in range(args.epochs):
         lo, hi = max(1, e * per_epoch), (e + 1) * per_epoch
-        block(f"epoch {e + 1} (steps {lo + 1}..{hi})", results["grpo"][lo:hi], results["ghpo"][lo:hi])
-    ratio = block(f"whole run (steps 2..{steps})", results["grpo"][1:], results["ghpo"][1:])
-    (tmp / "summary.json").write_text(json.dumps({"ghpo_over_grpo_step_time": ratio, "steps": steps}))
-    print(f"ghpo_over_grpo_step_time={ratio:.3f}")
+        block(f"epoch {e + 1} (steps {lo + 1}..{hi})", {c: rows[lo:hi] for c, rows in results.items()})
+    ratios = block(f"whole run (steps 2..{steps})", {c: rows[1:] for c, rows in results.items()})
+    default = f"GHPO {configured_retry(args.overrides)}"
+    (tmp / "summary.json").write_text(json.dumps({"ratios": ratios, "configured": default, "steps": steps}))
+    print(f"the GHPO config (examples/tiny-cpu/ghpo.yaml{' with overrides' if args.overrides else ''}) uses "
+          f"{default.split()[1]}")
+    print(f"ghpo_over_grpo_step_time={ratios[default]:.3f}")
     return 0
+
+
+def configured_retry(overrides: list[str]) -> str:
+    """``hint_retry`` of examples/tiny-cpu/ghpo.yaml after ``overrides``."""
+    from megatron_ghpo.config_loader import load_config
+
+    return load_config(ROOT / "examples/tiny-cpu/ghpo.yaml", overrides).ghpo.hint_retry
 
 
 if __name__ == "__main__":

@@ -66,13 +66,13 @@ def prepare(out: Path, *, n_rl: int, n_heldout: int, n_sft: int) -> dict[str, Pa
         build_tiny_model(base, arch="qwen2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                          intermediate_size=384, initializer_range=0.02, tie_word_embeddings=True, seed=0)
     data = out / "data"
-    # The warm-up: 70% easy problems; 15% of the RL task's kind (some signal for GRPO to start from);
+    # The warm-up: 65% easy problems; 20% of the RL task's kind (some signal for GRPO to start from);
     # 15% whose first step is far beyond the model (4-digit sums with 3 carries, 3-digit products). Half of
     # all prompts are hinted (sft.yaml's sft_hint_fraction) and the target is always the whole solution,
     # so on those far-too-hard problems only copying the hint's lines gets the first step right: the model
     # learns to take a hint rather than recompute it (easy problems cannot teach that: it computes their
     # first step itself and ignores the hint).
-    medium, copy = max(1, n_sft * 3 // 20), max(2, n_sft * 3 // 20)
+    medium, copy = max(1, n_sft // 5), max(2, n_sft * 3 // 20)
     sft = (generate_problems(n_sft - medium - copy, seed=1, difficulty="easy")
            + generate_problems(medium, seed=2, difficulty="medium")
            + generate_problems(copy // 2, seed=5, difficulty="hard")

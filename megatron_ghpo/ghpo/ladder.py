@@ -167,8 +167,6 @@ def next_stage(ctx: RoundContext, slot: Slot) -> None:
     slot.rung = nxt
 
 
-
-
 def _make_group(ctx: RoundContext, slot: Slot, prompt: Prompt, comps: list[Completion]) -> Group:
     _check_completions(ctx, slot.problem.uid, comps)
     return Group(prompt=prompt, completions=list(comps), stage=slot.rung)

@@ -50,6 +50,9 @@ class Difficulty:
     """For ``+``: the first step must produce at least this many carries."""
     num_steps: tuple[int, int] = (2, 3)
     """Inclusive range of the number of steps (the first one included)."""
+    later: str = "easy"
+    """Steps after the first: ``easy`` (add or subtract one digit, no carry or borrow) or ``carry``
+    (add a ``first_digits``-digit number with at least one carry: every step exercises the hard skill)."""
 
     def __post_init__(self) -> None:
         if self.first_digits < 1:
@@ -60,6 +63,10 @@ class Difficulty:
             raise ValueError(
                 f"Difficulty.min_carries must be in [0, first_digits={self.first_digits}], got {self.min_carries}"
             )
+        if self.later not in ("easy", "carry"):
+            raise ValueError(f"Difficulty.later must be 'easy' or 'carry', got {self.later!r}")
+        if self.later == "carry" and self.first_op != "+":
+            raise ValueError("Difficulty.later='carry' needs first_op '+' (products grow past the task's size)")
         lo, hi = self.num_steps
         if not 1 <= lo <= hi:
             raise ValueError(
@@ -72,8 +79,12 @@ DIFFICULTIES = {
     "medium": Difficulty(name="medium", first_digits=2, min_carries=1, num_steps=(2, 4)),
     "hard": Difficulty(name="hard", first_digits=4, min_carries=3, num_steps=(2, 4)),
     "hard_mul": Difficulty(name="hard_mul", first_digits=3, first_op="*", num_steps=(2, 4)),
+    "chain": Difficulty(name="chain", first_digits=2, min_carries=1, later="carry", num_steps=(3, 4)),
 }
-"""Presets: ``easy`` (one-digit first step) for warm-up SFT, ``hard`` / ``hard_mul`` for GHPO."""
+"""Presets: ``easy`` (one-digit first step) for warm-up SFT; ``medium`` (one two-digit step with a carry,
+then easy steps), ``hard`` / ``hard_mul`` (first steps far beyond a small model); ``chain`` (every step
+adds a two-digit number with a carry: a hint that reveals the first lines shortens the chain the model
+must get right, and the rest of a hinted solution still exercises the same skill)."""
 
 
 def carries(a: int, b: int) -> int:
@@ -110,14 +121,33 @@ def _easy_step(rng: random.Random, value: int) -> tuple[str, int]:
     return op, rng.randint(1, 9 - units if op == "+" else units)
 
 
+def _carry_step(rng: random.Random, value: int, digits: int) -> tuple[str, int] | None:
+    """Add a ``digits``-digit number that makes at least one carry (None when none can, e.g. 200 + 2 digits)."""
+    options = [k for k in range(10 ** (digits - 1) if digits > 1 else 0, 10**digits) if carries(value, k) >= 1]
+    return ("+", rng.choice(options)) if options else None
+
+
 def make_problem(rng: random.Random, difficulty: Difficulty) -> tuple[str, list[str], int]:
     """(expression, solution lines without the box, answer) of one random problem."""
+    while True:
+        built = _try_problem(rng, difficulty)
+        if built is not None:
+            return built
+
+
+def _try_problem(rng: random.Random, difficulty: Difficulty) -> tuple[str, list[str], int] | None:
     a, op, b = _first_step(rng, difficulty)
     value = a * b if op == "*" else a + b
     expr = f"{a}{op}{b}"
     lines = [f"{expr}={value}"]
     for _ in range(rng.randint(*difficulty.num_steps) - 1):
-        op, k = _easy_step(rng, value)
+        if difficulty.later == "carry":
+            step = _carry_step(rng, value, difficulty.first_digits)
+            if step is None:
+                return None
+            op, k = step
+        else:
+            op, k = _easy_step(rng, value)
         new = value + k if op == "+" else value - k
         expr += f"{op}{k}"
         lines.append(f"{value}{op}{k}={new}")

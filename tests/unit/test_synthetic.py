@@ -43,6 +43,8 @@ def test_worked_solutions_are_correct_and_structured(name):
                 assert op == d.first_op and len(str(a)) == d.first_digits
                 if op == "+":
                     assert len(str(b)) == d.first_digits and carries(a, b) >= d.min_carries
+            elif d.later == "carry":  # every step adds a first_digits-digit number with a carry
+                assert a == value and op == "+" and len(str(b)) == d.first_digits and carries(a, b) >= 1
             else:  # easy steps: one digit, no carry/borrow (only the units digit changes)
                 assert a == value and b <= 9 and op in "+-" and r // 10 == a // 10
             value = r

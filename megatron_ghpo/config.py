@@ -94,7 +94,12 @@ class DataConfig:
     shuffle_dataset: bool = True
     sft_hint_fraction: float = 0.0
     """`megatron-ghpo sft` only: share of examples whose prompt carries a hint (25/50/75% of the worked
-    solution) while the target stays the whole solution, so the model learns to use hints."""
+    solution, cut as GHPO cuts it), so the model learns to use hints."""
+    sft_hinted_target: Literal["solution", "continuation"] = "solution"
+    """`megatron-ghpo sft` only, target of a hinted example: `solution` = the whole worked solution (the
+    model restates the hint, then goes on); `continuation` = the text after the revealed beginning (the
+    model picks up where the hint stops, as the hint template says: "the beginning part of the answer";
+    hinted completions are then shorter, and RL never rewards copying the hint)."""
 
     def __post_init__(self) -> None:
         _require(self.max_prompt_length >= 1, "max_prompt_length", self.max_prompt_length, "must be >= 1")

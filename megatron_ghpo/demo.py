@@ -5,9 +5,9 @@
    one-digit first step) with shares of the RL kind and of far harder first steps, an RL set of hard
    problems (a two-digit first step with a carry, then easy one-digit steps) and a held-out set of hard
    problems. A hint that reveals the first line of the worked solution removes the hard part.
-3. SFT warm-up (``megatron-ghpo sft``, TP=2 over 2 gloo processes; half of the prompts hinted, and on
-   the far harder problems only copying the hint gets the first step right, so the model learns to
-   use a hint), written as a Hugging Face folder.
+3. SFT warm-up (``megatron-ghpo sft``, TP=2 over 2 gloo processes; half of the prompts hinted, each
+   trained to continue after its hint, and on the far harder problems only the hint's result gets the
+   next step right, so the model learns to use a hint), written as a Hugging Face folder.
 4. From that folder, one GHPO and one GRPO run per seed with the same seed, steps and prompts per
    step (``megatron-ghpo train``, TP=2), each evaluated without hints on the held-out problems at
    its last step (in-loop evaluation, near-greedy).
@@ -68,10 +68,10 @@ def prepare(out: Path, *, n_rl: int, n_heldout: int, n_sft: int) -> dict[str, Pa
     data = out / "data"
     # The warm-up: 65% easy problems; 20% of the RL task's kind (some signal for GRPO to start from);
     # 15% whose first step is far beyond the model (4-digit sums with 3 carries, 3-digit products). Half of
-    # all prompts are hinted (sft.yaml's sft_hint_fraction) and the target is always the whole solution,
-    # so on those far-too-hard problems only copying the hint's lines gets the first step right: the model
-    # learns to take a hint rather than recompute it (easy problems cannot teach that: it computes their
-    # first step itself and ignores the hint).
+    # all prompts are hinted (sft.yaml's sft_hint_fraction) and a hinted target is the text after the hint
+    # (sft_hinted_target: continuation), so on those far-too-hard problems only taking the hint's last
+    # result gets the next step right: the model learns to build on a hint rather than recompute it (easy
+    # problems cannot teach that: it computes their first step itself and ignores the hint).
     medium, copy = max(1, n_sft // 5), max(2, n_sft * 3 // 20)
     sft = (generate_problems(n_sft - medium - copy, seed=1, difficulty="easy")
            + generate_problems(medium, seed=2, difficulty="medium")

@@ -1,8 +1,10 @@
 """SFT warm-up on the same Megatron policy: cross-entropy on worked solutions.
 
 Each step takes the next prompts of the dataset stream; with ``sft_hint_fraction`` > 0 a share of
-them carry a hint (a prefix of the worked solution, cut like GHPO cuts it) in the user turn while
-the target stays the whole solution, so the model learns to use a hint before RL relies on it.
+them carry a hint (a prefix of the worked solution, cut like GHPO cuts it) in the user turn, so the
+model learns to use a hint before RL relies on it. The target of a hinted prompt is the whole worked
+solution (``sft_hinted_target: solution``) or the text after the revealed beginning
+(``continuation``).
 The final weights are also written as a Hugging Face folder (``<output_dir>/hf``) that RL runs and
 the rollout engine load directly.
 """
@@ -14,6 +16,7 @@ import random
 from pathlib import Path
 
 from megatron_ghpo.config import Config
+from megatron_ghpo.ghpo.hints import hint_prefix
 from megatron_ghpo.logging_utils import get_logger, progress
 from megatron_ghpo.records import TrainBatch, TrainSample
 from megatron_ghpo.train import checkpointing as ck
@@ -25,15 +28,26 @@ logger = get_logger("sft")
 SFT_HINT_RATIOS = (0.25, 0.5, 0.75)
 
 
+def sft_target(problem, ratio: float, renderer, hinted_target: str = "solution") -> str:
+    """The text a prompt is trained to produce: the worked solution (the answer when there is none), or
+    for a hinted prompt with ``hinted_target="continuation"`` the part after the revealed prefix."""
+    if ratio > 0 and hinted_target == "continuation":
+        shown = hint_prefix(problem.hint, ratio, split=renderer.hint_split, guard=renderer.hint_guard)
+        return problem.hint[len(shown):].strip()
+    if hinted_target not in ("solution", "continuation"):
+        raise ValueError(f"sft_hinted_target must be 'solution' or 'continuation', got {hinted_target!r}")
+    return (problem.hint or problem.answer).strip()
+
+
 def sft_batch(problems, renderer, tokenizer, *, step: int, seed: int, hint_fraction: float,
-              max_completion_length: int) -> TrainBatch:
-    """Prompt = rendered problem (sometimes hinted); target = the worked solution + EOS."""
+              max_completion_length: int, hinted_target: str = "solution") -> TrainBatch:
+    """Prompt = rendered problem (sometimes hinted); target = :func:`sft_target` + EOS."""
     rng = random.Random(f"{seed}:sft:{step}")
     samples = []
     for p in problems:
         ratio = rng.choice(SFT_HINT_RATIOS) if p.hint and rng.random() < hint_fraction else 0.0
         prompt = renderer.render(p, ratio)
-        target = (p.hint or p.answer).strip()
+        target = sft_target(p, ratio, renderer, hinted_target)
         ids = tokenizer(target, add_special_tokens=False)["input_ids"][: max_completion_length - 1]
         ids = ids + [tokenizer.eos_token_id]
         samples.append(TrainSample(prompt_ids=list(prompt.token_ids), completion_ids=ids, advantage=1.0,
@@ -75,7 +89,8 @@ def run_sft(cfg: Config, *, resume: str | None) -> None:
         if groups.is_leader:
             batch = sft_batch(stream.local_batch(step), renderer, tokenizer, step=step, seed=cfg.training.seed,
                               hint_fraction=cfg.data.sft_hint_fraction,
-                              max_completion_length=cfg.rollout.max_completion_length)
+                              max_completion_length=cfg.rollout.max_completion_length,
+                              hinted_target=cfg.data.sft_hinted_target)
         batch = broadcast_object(batch, groups)
         m = policy.sft_step(batch)
         if groups.is_logger and ((step + 1) % cfg.logging.logging_steps == 0 or step + 1 == total):

@@ -103,3 +103,35 @@ def test_errors(tokenizer, problem):
 
     with pytest.raises(ValueError, match="'plain' has no chat template"):
         PromptRenderer(NoTemplate(), system_prompt=None, max_prompt_length=10)
+
+
+@pytest.mark.parametrize("target", ["solution", "continuation"])
+def test_sft_batch_targets_of_hinted_prompts(tokenizer, problem, target):
+    from megatron_ghpo.train.sft import sft_batch
+
+    r = PromptRenderer(tokenizer, system_prompt=None, max_prompt_length=None, hint_split="line")
+    batch = sft_batch([problem] * 64, r, tokenizer, step=3, seed=0, hint_fraction=0.5, max_completion_length=64,
+                      hinted_target=target)
+    hinted = lines = 0
+    for s in batch.samples:
+        prompt = tokenizer.decode(s.prompt_ids)
+        text = tokenizer.decode(s.completion_ids[:-1])
+        assert s.completion_ids[-1] == tokenizer.eos_token_id and s.completion_mask == [1] * len(s.completion_ids)
+        if HINT_TEMPLATE not in prompt:
+            assert text == problem.hint
+            continue
+        hinted += 1
+        shown = prompt.split(HINT_TEMPLATE)[1].split("<|im_end|>")[0]
+        assert problem.hint.startswith(shown) and shown[-1:] in ("", "\n")  # line split: whole lines (maybe none)
+        lines += shown.count("\n")
+        # continuation: exactly the rest of the worked solution, so hint + completion = the solution
+        assert text == (problem.hint if target == "solution" else problem.hint[len(shown):])
+    assert 16 <= hinted <= 48 and lines > hinted // 2
+
+
+def test_sft_target_rejects_an_unknown_mode(tokenizer, problem):
+    from megatron_ghpo.train.sft import sft_target
+
+    r = PromptRenderer(tokenizer, system_prompt=None, max_prompt_length=None)
+    with pytest.raises(ValueError, match="sft_hinted_target"):
+        sft_target(problem, 0.5, r, "rest")

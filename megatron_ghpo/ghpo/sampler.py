@@ -214,6 +214,8 @@ class GHPOSampler:
         the ladder; returns (finished slots, slots set aside for the next step)."""
         rungs, climb = self._mode(step)
         slots = list(carried or [])
+        for i, slot in enumerate(slots):
+            slot.index = i  # request ids: unique within the round
         for i, p in enumerate(problems):
             if not isinstance(p, Problem):
                 raise TypeError(
@@ -224,9 +226,7 @@ class GHPOSampler:
             if climb and p.hint is not None and self.options.hint_skip_repeats:
                 path = self._distinct_path(p, rungs, start)
                 start = path[0]
-            slots.append(Slot(index=i, problem=p, start_rung=start, rung=start, path=path))
-        for i, slot in enumerate(slots):
-            slot.index = i  # request ids: unique within the round
+            slots.append(Slot(index=len(slots), problem=p, start_rung=start, rung=start, path=path))
         deferring = climb and self.options.hint_retry == "next_step"
         ctx = RoundContext(
             engine=self.engine,
@@ -243,8 +243,10 @@ class GHPOSampler:
         )
         run = run_streaming if self.options.streaming else run_batched
         passes = run(ctx, slots)
-        later = [s for s in slots if deferring and needs_next(ctx, s)]
-        finished = [s for s in slots if not (deferring and needs_next(ctx, s))]
+        finished: list[Slot] = []
+        later: list[Slot] = []
+        for s in slots:
+            (later if deferring and needs_next(ctx, s) else finished).append(s)
         self._assign_train_prompts(slots, climb)
         stats.add_round(
             slots, passes, top=len(rungs) - 1, climb=climb, from_memory=self.options.hint_start == "memory"

@@ -31,11 +31,11 @@ SFT_HINT_RATIOS = (0.25, 0.5, 0.75)
 def sft_target(problem, ratio: float, renderer, hinted_target: str = "solution") -> str:
     """The text a prompt is trained to produce: the worked solution (the answer when there is none), or
     for a hinted prompt with ``hinted_target="continuation"`` the part after the revealed prefix."""
+    if hinted_target not in ("solution", "continuation"):
+        raise ValueError(f"sft_hinted_target must be 'solution' or 'continuation', got {hinted_target!r}")
     if ratio > 0 and hinted_target == "continuation":
         shown = hint_prefix(problem.hint, ratio, split=renderer.hint_split, guard=renderer.hint_guard)
         return problem.hint[len(shown):].strip()
-    if hinted_target not in ("solution", "continuation"):
-        raise ValueError(f"sft_hinted_target must be 'solution' or 'continuation', got {hinted_target!r}")
     return (problem.hint or problem.answer).strip()
 
 

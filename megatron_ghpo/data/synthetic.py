@@ -14,7 +14,11 @@ required number of carries, or a multi-digit by one-digit product) and every lat
 subtracts one digit without carry or borrow. A hint that reveals the first line leaves only easy
 steps, which a model warmed up on easy problems can do; the unhinted model must do the hard step.
 
-Difficulty = (digits of the first step's operands, carries it needs, number of steps). Problems are
+With ``later="carry"`` every step adds a ``first_digits``-digit number with a carry instead, so the task
+is a chain of one moderately hard step kind and a hint shortens the chain left to the model; with
+``line_format="short"`` the lines after the first omit the running value (``+67=590``).
+
+Difficulty = (digits of the first step's operands, carries it needs, number of steps, later steps). Problems are
 deterministic in ``seed``; ``split="heldout"`` draws from a fixed set of expressions (selected by a
 hash of the expression text) that ``split="train"`` never produces, whatever the seeds.
 """
@@ -34,6 +38,7 @@ SYNTHETIC_ALPHABET = "0123456789+-*=\n\\boxed{}"
 """Every character a problem or worked solution can contain."""
 
 SPLITS = ("train", "heldout", "all")
+LINE_FORMATS = ("full", "short")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +58,9 @@ class Difficulty:
     later: str = "easy"
     """Steps after the first: ``easy`` (add or subtract one digit, no carry or borrow) or ``carry``
     (add a ``first_digits``-digit number with at least one carry: every step exercises the hard skill)."""
+    line_format: str = "full"
+    """Solution lines after the first: ``full`` (``523+67=590``) or ``short`` (``+67=590``: the running
+    value is the previous line's result, so a line costs fewer tokens). The first line is always full."""
 
     def __post_init__(self) -> None:
         if self.first_digits < 1:
@@ -65,6 +73,8 @@ class Difficulty:
             )
         if self.later not in ("easy", "carry"):
             raise ValueError(f"Difficulty.later must be 'easy' or 'carry', got {self.later!r}")
+        if self.line_format not in LINE_FORMATS:
+            raise ValueError(f"Difficulty.line_format must be one of {LINE_FORMATS}, got {self.line_format!r}")
         if self.later == "carry" and self.first_op != "+":
             raise ValueError("Difficulty.later='carry' needs first_op '+' (products grow past the task's size)")
         lo, hi = self.num_steps
@@ -80,11 +90,14 @@ DIFFICULTIES = {
     "hard": Difficulty(name="hard", first_digits=4, min_carries=3, num_steps=(2, 4)),
     "hard_mul": Difficulty(name="hard_mul", first_digits=3, first_op="*", num_steps=(2, 4)),
     "chain": Difficulty(name="chain", first_digits=2, min_carries=1, later="carry", num_steps=(3, 4)),
+    "long_chain": Difficulty(name="long_chain", first_digits=2, min_carries=1, later="carry", line_format="short",
+                             num_steps=(9, 12)),
 }
 """Presets: ``easy`` (one-digit first step) for warm-up SFT; ``medium`` (one two-digit step with a carry,
 then easy steps), ``hard`` / ``hard_mul`` (first steps far beyond a small model); ``chain`` (every step
 adds a two-digit number with a carry: a hint that reveals the first lines shortens the chain the model
-must get right, and the rest of a hinted solution still exercises the same skill)."""
+must get right, and the rest of a hinted solution still exercises the same skill); ``long_chain`` (the
+same step kind, 9-12 steps, short lines ``+67=590``: a long chain of one moderately hard operation)."""
 
 
 def carries(a: int, b: int) -> int:
@@ -150,7 +163,7 @@ def _try_problem(rng: random.Random, difficulty: Difficulty) -> tuple[str, list[
             op, k = _easy_step(rng, value)
         new = value + k if op == "+" else value - k
         expr += f"{op}{k}"
-        lines.append(f"{value}{op}{k}={new}")
+        lines.append(f"{value if difficulty.line_format == 'full' else ''}{op}{k}={new}")
         value = new
     return expr, lines, value
 

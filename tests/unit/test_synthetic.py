@@ -17,7 +17,7 @@ from megatron_ghpo.ghpo.hints import hint_prefix
 
 pytestmark = pytest.mark.unit
 
-STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
+STEP = re.compile(r"^(\d*)([+\-*])(\d+)=(\d+)$")  # a short line (``+67=590``) has no left operand
 
 
 def test_carries_by_hand():
@@ -37,7 +37,13 @@ def test_worked_solutions_are_correct_and_structured(name):
         assert lo <= len(steps) <= hi and p.columns["num_steps"] == len(steps)
         value = None
         for i, m in enumerate(steps):
-            a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
+            if d.line_format == "short" and i > 0:
+                assert m[1] == "", lines[i]  # the running value is the previous line's result
+                a = value
+            else:
+                assert m[1] != "", lines[i]
+                a = int(m[1])
+            op, b, r = m[2], int(m[3]), int(m[4])
             assert r == (a * b if op == "*" else a + b if op == "+" else a - b), lines[i]
             if i == 0:  # the hard first step
                 assert op == d.first_op and len(str(a)) == d.first_digits
@@ -51,6 +57,7 @@ def test_worked_solutions_are_correct_and_structured(name):
         assert str(value) == p.answer
         # the problem is the expression whose left-to-right value is the answer
         assert p.problem == steps[0][1] + steps[0][2] + steps[0][3] + "".join(m[2] + m[3] for m in steps[1:])
+        assert p.columns["difficulty"] == d.name
         assert set(p.problem + p.hint) <= set(SYNTHETIC_ALPHABET)
 
 
@@ -99,6 +106,8 @@ def test_bad_arguments():
         generate_problems(1, seed=0, split="dev")
     with pytest.raises(ValueError, match="min_carries"):
         Difficulty(name="x", first_digits=2, min_carries=3)
+    with pytest.raises(ValueError, match="line_format must be one of"):
+        Difficulty(name="x", first_digits=2, line_format="terse")
     with pytest.raises(ValueError, match="problem space is too small"):
         generate_problems(101, seed=0, difficulty=Difficulty(name="tiny", first_digits=1, num_steps=(1, 1)))
 
@@ -113,3 +122,17 @@ def test_golds_verify_under_the_accuracy_reward():
             [f"\\boxed{{{int(p.answer) + 1}}}" for p in probs], [p.answer for p in probs], pool=pool
         )
     assert right == [1.0] * 40 and wrong == [0.0] * 40
+
+
+def test_long_chain_lines_are_short_and_a_line_hint_shortens_the_chain():
+    d = DIFFICULTIES["long_chain"]
+    assert d.later == "carry" and d.line_format == "short" and d.num_steps[0] >= 8
+    for p in generate_problems(50, seed=2, difficulty="long_chain"):
+        lines = p.hint.split("\n")
+        assert re.fullmatch(r"\d\d\+\d\d=\d+", lines[0]) and all(re.fullmatch(r"\+\d\d=\d+", x) for x in lines[1:-1])
+        for ratio in (0.25, 0.5, 0.75):  # the hint ends at a line boundary and leaves a shorter chain
+            shown = hint_prefix(p.hint, ratio, split="line")
+            assert p.hint.startswith(shown) and (shown == "" or shown.endswith("\n"))
+            left = len(lines) - 1 - shown.count("\n")
+            assert 0 < left < len(lines) - 1 or shown == ""
+        assert hint_prefix(p.hint, 0.5, split="line").count("\n") >= (len(lines) - 1) // 2 - 1

@@ -4,7 +4,8 @@ Each rank reads only the HF tensors of the parameters it holds (one parameter's 
 time) and copies its TP slice into them through the same layout views the export uses, so the
 two directions cannot disagree. Vocabulary padding rows are zeroed. Every HF tensor must be
 consumed by some rank and every Megatron parameter must find its HF tensors: anything else is an
-error naming the tensor.
+error naming the tensor. Routed experts (MoE): each expert-parallel rank reads only its own
+experts, and splits them over the expert tensor-parallel group.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def load_hf_weights(
     files = hf_weight_files(hf_dir)
     check_hf_names(plan, files, hf_dir)
     tp_rank, stage = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    ep_rank, etp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     params = local_parameters(model_chunks)
     with contextlib.ExitStack() as stack, torch.no_grad():
         handles: dict[Path, Any] = {}
@@ -109,18 +111,19 @@ def load_hf_weights(
                 handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
             return handles[path].get_tensor(name)
 
-        entries = plan.local(stage)
+        entries = plan.local(stage, ep_rank)  # routed experts: only those this expert-parallel rank holds
         for e in progress(entries, desc=progress_desc) if progress_desc else entries:
             param = params[(e.chunk, e.name)]
             hf = [read(n) for n in e.hf_names]
-            rank = tp_rank if TP_PARTITION_DIM[e.layout] is not None else 0
+            size = plan.shard_size(e)
+            rank = (etp_rank if e.ep_owner is not None else tp_rank) if TP_PARTITION_DIM[e.layout] is not None else 0
             try:
-                pairs = shard_pairs(e.layout, param, hf, rank, plan.tp, plan.dims)
+                pairs = shard_pairs(e.layout, param, hf, rank, size, plan.dims)
             except ValueError as exc:
                 raise ValueError(f"HF tensors {list(e.hf_names)} do not fit Megatron {e.name}: {exc}") from exc
             for local_view, hf_view in pairs:
                 local_view.copy_(hf_view)
-            pad = padding_view(e.layout, param, rank, plan.tp, plan.dims)
+            pad = padding_view(e.layout, param, rank, size, plan.dims)
             if pad is not None:
                 pad.zero_()
             del hf, pairs

@@ -6,6 +6,11 @@ the :mod:`~megatron_ghpo.bridge.layout` that relates them. Layer rules are relat
 layer (``decoder.layers.<i>.``); ``{layer}`` in an HF name is the *global* layer index (the pipeline
 offset, and the virtual-pipeline chunk offset, already applied).
 
+Expert rules (mixture of experts) name a parameter of one *local* expert,
+``mlp.experts.local_experts.{expert}.<...>``; ``{expert}`` in their HF names is the *global* expert
+index (expert-parallel rank x experts per rank + local index). Their layouts split over the
+expert tensor-parallel group instead of the TP group.
+
 The tables are the single source of truth for live weight sync and offline conversion. A Megatron
 parameter no rule matches, or an HF tensor no rule produces, is an error that names it.
 """
@@ -34,6 +39,8 @@ class Rule:
     """The same parameter's name under the Transformer Engine layer spec."""
     tied_hf: tuple[str, ...] | None = None
     """With tied embeddings: not exported (HF has no such tensor); imported from these HF names."""
+    expert: bool = False
+    """A parameter of one routed expert (``{expert}`` in both names; sharded over EP and ETP)."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -63,7 +70,7 @@ class ArchSpec:
         """
         m = _LAYER_RE.match(megatron_name)
         if m:
-            index, rel = int(m.group(1)), m.group(2)
+            index, rel = int(m.group(1)), _EXPERT_RE.sub(r"\1{expert}\3", m.group(2))
             for rule in self.layer_rules:
                 if rel in rule.names:
                     return rule, index
@@ -82,23 +89,38 @@ class ArchSpec:
 
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..+)$")
 
 
-def hf_names(rule: Rule, layer: int | None, *, tied: bool, for_import: bool) -> tuple[str, ...]:
-    """HF names of ``rule`` at global ``layer``; ``()`` when the tensor is not exported (tied lm_head)."""
+def local_expert(megatron_name: str) -> int | None:
+    """The local expert index in ``...mlp.experts.local_experts.<e>.<...>``, or None."""
+    m = _LAYER_RE.match(megatron_name)
+    e = _EXPERT_RE.match(m.group(2)) if m else None
+    return int(e.group(2)) if e else None
+
+
+def hf_names(
+    rule: Rule, layer: int | None, *, tied: bool, for_import: bool, expert: int | None = None
+) -> tuple[str, ...]:
+    """HF names of ``rule`` at global ``layer`` (and global ``expert`` for expert rules); ``()`` when
+    the tensor is not exported (tied lm_head)."""
     names = rule.hf
     if tied and rule.tied_hf is not None:
         if not for_import:
             return ()
         names = rule.tied_hf
+    if rule.expert and expert is None:
+        raise ValueError(f"rule {rule.megatron} is an expert rule: pass the global expert index")
     if layer is None:
         return names
-    return tuple(n.format(layer=layer) for n in names)
+    return tuple(n.format(layer=layer, expert=expert) for n in names)
 
 
-def _layer(rel: str, hf: str | tuple[str, ...], layout: str, te: tuple[str, ...] = ()) -> Rule:
+def _layer(rel: str, hf: str | tuple[str, ...], layout: str, te: tuple[str, ...] = (), *, expert: bool = False) -> Rule:
     hf_t = (hf,) if isinstance(hf, str) else hf
-    return Rule(megatron=rel, hf=tuple(f"model.layers.{{layer}}.{h}" for h in hf_t), layout=layout, te_names=te)
+    return Rule(
+        megatron=rel, hf=tuple(f"model.layers.{{layer}}.{h}" for h in hf_t), layout=layout, te_names=te, expert=expert
+    )
 
 
 _EMBED = Rule(megatron="embedding.word_embeddings.weight", hf=("model.embed_tokens.weight",), layout="vocab")
@@ -129,6 +151,27 @@ _DECODER_LAYER = (
 always; Llama: ``attention_bias`` adds QKV and o_proj biases, ``mlp_bias`` the MLP biases). A rule
 applies only to parameters the built Megatron model has, so one table serves every variant."""
 
+_QK_NORM = (
+    _layer("self_attention.q_layernorm.weight", "self_attn.q_norm.weight", "replicated"),
+    _layer("self_attention.k_layernorm.weight", "self_attn.k_norm.weight", "replicated"),
+)
+"""Qwen3's RMSNorm over each query / key head (weight ``[head_dim]``, shared by all heads)."""
+
+_MOE = (
+    _layer("mlp.router.weight", "mlp.gate.weight", "replicated"),
+    _layer(
+        "mlp.experts.local_experts.{expert}.linear_fc1.weight",
+        ("mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"),
+        "gate_up",
+        expert=True,
+    ),
+    _layer("mlp.experts.local_experts.{expert}.linear_fc2.weight", "mlp.experts.{expert}.down_proj.weight", "row", expert=True),
+)
+"""Qwen3-MoE's block: the router (``[num_experts, h]``, replicated) and per-expert SwiGLU MLPs in the
+checkpoint layout (one ``gate_proj``/``up_proj``/``down_proj`` per expert). Megatron's local and TE
+``SequentialMLP`` experts; grouped-GEMM experts (``moe_grouped_gemm``) have other names and are not
+mapped. Dense layers of a mixed layout use the dense MLP rules."""
+
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(
         name="llama", hf_model_types=("llama",), model_rules=(_EMBED, _FINAL_NORM, _LM_HEAD), layer_rules=_DECODER_LAYER
@@ -136,6 +179,10 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen2": ArchSpec(
         name="qwen2", hf_model_types=("qwen2",), model_rules=(_EMBED, _FINAL_NORM, _LM_HEAD), layer_rules=_DECODER_LAYER
     ),
+    "qwen3": ArchSpec(
+        name="qwen3", hf_model_types=("qwen3", "qwen3_moe"), model_rules=(_EMBED, _FINAL_NORM, _LM_HEAD),
+        layer_rules=_DECODER_LAYER + _QK_NORM + _MOE,
+    ),  # fmt: skip
 }
 
 
@@ -147,6 +194,16 @@ def arch_for(hf_config: Any) -> ArchSpec:
             return spec
     supported = sorted(t for s in ARCHS.values() for t in s.hf_model_types)
     raise NotImplementedError(f"the weight bridge has no table for HF model_type {model_type!r}; supported: {supported}")
+
+
+def experts_per_rank(hf_config: Any, ep: int) -> int:
+    """Routed experts each of ``ep`` expert-parallel ranks holds (0 for a dense model)."""
+    moe = hf_arch(hf_config).moe
+    if moe is None:
+        return 0
+    if moe.num_experts % ep:
+        raise ValueError(f"expert_model_parallel_size={ep} does not divide num_experts={moe.num_experts}")
+    return moe.num_experts // ep
 
 
 def dims_from_hf(hf_config: Any) -> ModelDims:

@@ -6,6 +6,11 @@ buffer (replicated tensors: TP rank 0), a barrier publishes it, and every rank r
 physical pages: no bytes cross a socket and no rank copies more than its shard. Before the buffer
 is refilled, each rank copies out the tensors its consumer still holds and a barrier makes sure
 every rank is done reading.
+
+Routed experts (MoE) need every expert shard inside the group: expert tensor-parallel x
+expert-parallel size must divide the TP size (:func:`experts_inside_tp`); then the ranks with TP
+rank below ``EP x ETP`` hold each (expert-parallel rank, expert-TP rank) pair exactly once and
+write their experts' shards.
 """
 
 from __future__ import annotations
@@ -55,6 +60,15 @@ def map_shared(g: Groups, nbytes: int) -> torch.Tensor | None:
     return t if ok.item() else None
 
 
+def experts_inside_tp(g: Groups) -> bool:
+    """Whether the TP group of each stage holds every routed expert's shards (``EP x ETP`` divides TP).
+
+    Megatron numbers a stage's ranks ``etp + ETP (ep + EP edp)`` on the expert grid and
+    ``tp + TP dp`` on the dense one, so with ``EP x ETP`` dividing TP, TP rank ``t`` is expert rank
+    ``(t mod ETP, t div ETP mod EP)``."""
+    return g.tp % (g.ep * g.etp) == 0
+
+
 def same_machine(g: Groups) -> bool:
     """Whether every rank of the model-parallel group runs on this machine (same kernel boot)."""
     try:
@@ -84,7 +98,10 @@ class SharedMemoryTransport:
         self.first = False
         if bucket.stage == g.pp_rank:
             for e, views in zip(bucket.entries, self.buf.entry_views(bucket, dtype)):
-                if TP_PARTITION_DIM[e.layout] is not None or g.tp_rank == 0:
+                if e.ep_owner is not None:  # a routed expert: its owner's expert-TP ranks write their shards
+                    if g.ep_rank == e.ep_owner and g.tp_rank < g.ep * g.etp:
+                        write_own_shard(e, check_param(e, params.get((e.chunk, e.name))), views, plan, g.etp_rank)
+                elif TP_PARTITION_DIM[e.layout] is not None or g.tp_rank == 0:
                     write_own_shard(e, check_param(e, params.get((e.chunk, e.name))), views, plan, g.tp_rank)
         torch.distributed.barrier(group=g.mp_group)
         return self.buf

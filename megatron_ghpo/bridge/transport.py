@@ -9,6 +9,12 @@ scratch tensor. (No all-gather: gloo's stages the whole output in a second inter
 PP > 1 the owning stage then broadcasts the filled buffer over the pipeline group
 (``destination="all"``) or sends it to pipeline rank 0 (``"first"``, TP rank 0 only).
 
+A routed expert's parameter (MoE) is assembled the same way by the ranks of its owning
+expert-parallel rank, over the expert tensor-parallel group; that rank then broadcasts the
+expert's bytes of the buffer over the expert-parallel group, so every rank of the stage holds it
+before the pipeline step. (Expert-parallel groups may span data-parallel replicas: every replica
+then exports at the same time, as every rank drives the export anyway.)
+
 ``shm`` (CPU ranks of one machine, gloo): one shared-memory buffer; see :mod:`~megatron_ghpo.bridge.shm`.
 """
 
@@ -43,6 +49,17 @@ class Groups:
         self.pp_ranks = torch.distributed.get_process_group_ranks(self.pp_group)
         self.mp_ranks = torch.distributed.get_process_group_ranks(self.mp_group)
         self.mp_rank = self.mp_ranks.index(torch.distributed.get_rank())
+        self.ep_group, self.etp_group = ps.get_expert_model_parallel_group(), ps.get_expert_tensor_parallel_group()
+        self.ep, self.ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+        self.etp, self.etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+        self.ep_ranks = torch.distributed.get_process_group_ranks(self.ep_group)
+        self.etp_ranks = torch.distributed.get_process_group_ranks(self.etp_group)
+
+    def shard_group(self, e: PlanEntry) -> tuple[int, int, list[int], Any]:
+        """``(size, rank, global ranks, group)`` splitting ``e`` by its layout: ETP for experts, else TP."""
+        if e.ep_owner is not None:
+            return self.etp, self.etp_rank, self.etp_ranks, self.etp_group
+        return self.tp, self.tp_rank, self.tp_ranks, self.tp_group
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -55,41 +72,68 @@ def check_param(e: PlanEntry, param: torch.Tensor | None) -> torch.Tensor:
     return param.detach()
 
 
-def write_own_shard(e: PlanEntry, local: torch.Tensor, hf: list[torch.Tensor], plan: Plan, tp_rank: int) -> None:
-    """Copy this rank's shard of ``e`` into its places in the HF views ``hf`` (cast on the fly)."""
-    rank = tp_rank if TP_PARTITION_DIM[e.layout] is not None else 0
-    for loc, dst in shard_pairs(e.layout, local, hf, rank, plan.tp, plan.dims):
+def write_own_shard(e: PlanEntry, local: torch.Tensor, hf: list[torch.Tensor], plan: Plan, shard_rank: int) -> None:
+    """Copy this rank's shard of ``e`` into its places in the HF views ``hf`` (cast on the fly).
+
+    ``shard_rank``: the rank in the group splitting ``e`` (TP, or expert TP for expert entries)."""
+    rank = shard_rank if TP_PARTITION_DIM[e.layout] is not None else 0
+    for loc, dst in shard_pairs(e.layout, local, hf, rank, plan.shard_size(e), plan.dims):
         dst.copy_(loc)
 
 
 def _gather_entry(e: PlanEntry, local: torch.Tensor, hf: list[torch.Tensor], plan: Plan, g: Groups) -> None:
-    """Collective transport: every TP rank of the owning stage assembles all shards of ``e`` into ``hf``."""
-    if TP_PARTITION_DIM[e.layout] is None or g.tp == 1:
-        write_own_shard(e, local, hf, plan, g.tp_rank)
+    """Collective transport: every rank of the group splitting ``e`` (TP, or expert TP) assembles all
+    shards of ``e`` into ``hf``."""
+    size, my_rank, ranks, group = g.shard_group(e)
+    if TP_PARTITION_DIM[e.layout] is None or size == 1:
+        write_own_shard(e, local, hf, plan, my_rank)
         return
     scratch: torch.Tensor | None = None
-    for r in range(g.tp):
-        mine = r == g.tp_rank
+    for r in range(size):
+        mine = r == my_rank
         shard = local if mine else torch.empty(e.local_shape, dtype=e.dtype, device="meta")
-        pairs = shard_pairs(e.layout, shard, hf, r, g.tp, plan.dims)
+        pairs = shard_pairs(e.layout, shard, hf, r, size, plan.dims)
         if not pairs:
             continue
         loc, dst = pairs[0]
         if len(pairs) == 1 and loc.is_contiguous() and dst.is_contiguous() and dst.dtype == e.dtype:
-            torch.distributed.broadcast(_as_bytes(loc if mine else dst), g.tp_ranks[r], group=g.tp_group)
+            torch.distributed.broadcast(_as_bytes(loc if mine else dst), ranks[r], group=group)
             if mine:
                 dst.copy_(loc)
             continue
         if mine:
-            torch.distributed.broadcast(_as_bytes(local.contiguous()), g.tp_ranks[r], group=g.tp_group)
+            torch.distributed.broadcast(_as_bytes(local.contiguous()), ranks[r], group=group)
             src_pairs = pairs
         else:
             if scratch is None:
                 scratch = torch.empty(e.local_shape, dtype=e.dtype, device=local.device)
-            torch.distributed.broadcast(_as_bytes(scratch), g.tp_ranks[r], group=g.tp_group)
-            src_pairs = shard_pairs(e.layout, scratch, hf, r, g.tp, plan.dims)
+            torch.distributed.broadcast(_as_bytes(scratch), ranks[r], group=group)
+            src_pairs = shard_pairs(e.layout, scratch, hf, r, size, plan.dims)
         for loc, dst in src_pairs:
             dst.copy_(loc)
+
+
+def entry_bytes_span(views: list[torch.Tensor], buf: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``buf`` from the first to the end of the last of ``views`` (one entry's HF tensors,
+    laid out back to back in the bucket buffer)."""
+    base = buf.untyped_storage().data_ptr() + buf.storage_offset()
+    start = views[0].data_ptr() - base
+    end = views[-1].data_ptr() + views[-1].numel() * views[-1].element_size() - base
+    return buf.narrow(0, start, end - start)
+
+
+def fill_entry(e: PlanEntry, views: list[torch.Tensor], params: dict, plan: Plan, g: Groups, buf: torch.Tensor) -> None:
+    """Collective transport, on the owning stage: ``views`` (in ``buf``) receive the full HF tensors of ``e``.
+
+    Expert entries: the owning expert-parallel rank's ETP group assembles them, then that rank
+    broadcasts their bytes over the expert-parallel group."""
+    if e.ep_owner is None:
+        _gather_entry(e, check_param(e, params.get((e.chunk, e.name))), views, plan, g)
+        return
+    if g.ep_rank == e.ep_owner:
+        _gather_entry(e, check_param(e, params.get((e.chunk, e.name))), views, plan, g)
+    if g.ep > 1:
+        torch.distributed.broadcast(entry_bytes_span(views, buf), g.ep_ranks[e.ep_owner], group=g.ep_group)
 
 
 class CollectiveTransport:
@@ -110,7 +154,7 @@ class CollectiveTransport:
         reclaim_handed_out(self.buf)
         if bucket.stage == g.pp_rank:
             for e, views in zip(bucket.entries, self.buf.entry_views(bucket, dtype)):
-                _gather_entry(e, check_param(e, params.get((e.chunk, e.name))), views, plan, g)
+                fill_entry(e, views, params, plan, g, self.buf.t)
         payload = self.buf.t.narrow(0, 0, bucket.nbytes)
         if g.pp > 1 and self.destination == "all":
             torch.distributed.broadcast(payload, g.pp_ranks[bucket.stage], group=g.pp_group)
@@ -175,14 +219,22 @@ def make_transport(
     """
     if name not in ("auto", "collective", "shm"):
         raise ValueError(f"transport must be 'auto', 'collective' or 'shm', got {name!r}")
+    from megatron_ghpo.bridge.shm import SHM_DIR, SharedMemoryTransport, experts_inside_tp, map_shared, same_machine
+
     shm_key = ("shm", tuple(g.mp_ranks), capacity, str(device))
     use_shm = (
         name != "collective" and len(g.mp_ranks) > 1 and device.type == "cpu"
         and torch.distributed.get_backend(g.mp_group) == "gloo"
     )  # fmt: skip
-    # Backend and device type are the same on every rank of the group, so this branch is taken
-    # consistently; the steps inside are collective decisions.
-    from megatron_ghpo.bridge.shm import SHM_DIR, SharedMemoryTransport, map_shared, same_machine
+    if name == "shm" and use_shm and not experts_inside_tp(g):
+        raise RuntimeError(
+            f"transport='shm' shares one buffer per TP x PP group, but expert_tensor_parallel_size {g.etp} x "
+            f"expert_model_parallel_size {g.ep} does not divide tensor_model_parallel_size {g.tp}: some experts live in "
+            "other data-parallel replicas; use transport='collective' (or 'auto')"
+        )
+    use_shm = use_shm and experts_inside_tp(g)
+    # Backend, device type and the parallel sizes are the same on every rank of the group, so this
+    # branch is taken consistently; the steps inside are collective decisions.
 
     if use_shm and keep_buffer and (buf := _reusable(shm_key, g)) is not None:
         return SharedMemoryTransport(g, buf)

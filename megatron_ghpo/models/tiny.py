@@ -2,7 +2,7 @@
 
 Nothing here is downloaded: the tokenizer is a byte-level BPE trained with the ``tokenizers``
 library on a built-in corpus (digits split one per token, as in Qwen2/Llama-3), and the model is a
-randomly initialised Qwen2 or Llama written with ``save_pretrained``. Both load back through the
+randomly initialised Qwen2, Llama, Qwen3 or Qwen3-MoE written with ``save_pretrained``. Both load back through the
 ordinary ``from_pretrained`` code paths (transformers and vLLM).
 """
 
@@ -92,6 +92,24 @@ def build_tiny_tokenizer(out_dir: str | Path, *, vocab_size: int = 384, seed: in
     return AutoTokenizer.from_pretrained(str(out))
 
 
+TINY_ARCHS = ("qwen2", "llama", "qwen3", "qwen3_moe")
+
+
+def _hf_config(arch: str, common: dict, *, head_dim: int | None, **moe):
+    """The transformers config object of ``arch`` from the shared fields (and the family's own)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch={arch!r}: expected one of {list(TINY_ARCHS)}")
+    if arch in ("qwen2", "llama"):
+        return {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](**common)
+    extra = {"head_dim": head_dim or common["hidden_size"] // common["num_attention_heads"], "attention_bias": False}
+    if arch == "qwen3":
+        return Qwen3Config(**common, **extra)
+    moe["mlp_only_layers"] = list(moe["mlp_only_layers"])
+    return Qwen3MoeConfig(**common, **extra, **moe, decoder_sparse_step=1, router_aux_loss_coef=0.001)
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
@@ -108,15 +126,25 @@ def build_tiny_model(
     rope_theta: float = 10000.0,
     seed: int = 0,
     tokenizer_dir: str | Path | None = None,
+    head_dim: int | None = None,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    moe_intermediate_size: int = 64,
+    norm_topk_prob: bool = True,
+    mlp_only_layers: tuple[int, ...] = (),
 ) -> str:
-    """Write a randomly initialised Qwen2 or Llama HF folder (fp32 safetensors) and return its path.
+    """Write a randomly initialised HF folder (fp32 safetensors) and return its path.
 
-    With ``tokenizer_dir`` the tokenizer files are copied in and the vocabulary defaults to the
-    tokenizer's size; without it a tokenizer is built in place. ``initializer_range`` defaults to
-    0.2 so two random models differ visibly under greedy decoding.
+    ``arch``: ``qwen2``, ``llama``, ``qwen3`` (q/k RMSNorm; ``head_dim`` may differ from
+    ``hidden_size / num_heads``) or ``qwen3_moe`` (``num_experts`` routed experts of width
+    ``moe_intermediate_size``, ``num_experts_per_tok`` per token; layers in ``mlp_only_layers``
+    keep a dense MLP of width ``intermediate_size``). ``head_dim`` and the expert arguments are
+    ignored by the families without them. With ``tokenizer_dir`` the tokenizer files are copied in
+    and the vocabulary defaults to the tokenizer's size; without it a tokenizer is built in place.
+    ``initializer_range`` defaults to 0.2 so two random models differ visibly under greedy decoding.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,16 +177,17 @@ def build_tiny_model(
         bos_token_id=None,
         dtype="float32",
     )
-    archs = {"qwen2": Qwen2Config, "llama": LlamaConfig}
-    if arch not in archs:
-        raise ValueError(f"arch={arch!r}: expected one of {sorted(archs)}")
-    config = archs[arch](**common)
+    config = _hf_config(arch, common, head_dim=head_dim, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                        moe_intermediate_size=moe_intermediate_size, norm_topk_prob=norm_topk_prob,
+                        mlp_only_layers=mlp_only_layers)  # fmt: skip
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms start at 1.0; perturb them so layouts are tested on non-trivial values
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):  # the router starts at zero: give it a real routing
+                p.normal_(0.0, initializer_range)
     model.save_pretrained(str(out), safe_serialization=True)
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(str(out))
     meta = {"built_by": "megatron_ghpo.models.tiny", "arch": arch, "seed": seed}

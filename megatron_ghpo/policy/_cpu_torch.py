@@ -44,6 +44,25 @@ def _cpu_factory(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
     return factory
 
 
+class _NullEvent:
+    """Stands in for ``torch.cuda.Event``: CPU work has already happened when it is recorded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _NullStream:
     """Stands in for ``torch.cuda.Stream``: CPU work is already ordered, so every method is a no-op."""
 
@@ -56,8 +75,8 @@ class _NullStream:
     def wait_event(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def record_event(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    def record_event(self, *args: Any, **kwargs: Any) -> _NullEvent:
+        return _NullEvent()
 
     def synchronize(self) -> None:
         pass
@@ -87,6 +106,7 @@ class CpuCuda:
     current_stream = staticmethod(lambda *a, **k: _NullStream())
     default_stream = staticmethod(lambda *a, **k: _NullStream())
     Stream = _NullStream
+    Event = _NullEvent
     stream = staticmethod(lambda *a, **k: contextlib.nullcontext())
     nvtx = _NoNvtx
 

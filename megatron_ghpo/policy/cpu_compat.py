@@ -5,7 +5,7 @@ handful of places. Without CUDA each of them raises (the error is named next to 
 :func:`apply_cpu_compat` neutralises them, and only when ``torch.cuda.is_available()`` is False:
 on a GPU machine nothing is touched.
 
-Three kinds of patches, all scoped to Megatron-Core (nothing in ``torch`` itself is replaced):
+Four kinds of patches, all scoped to Megatron-Core (nothing in ``torch`` itself is replaced):
 
 * **Module-level ``torch`` shim.** For each Megatron module listed in :data:`SHIMMED_MODULES`, the
   module's global name ``torch`` is replaced by :class:`CpuTorch`, a proxy that forwards every
@@ -22,6 +22,11 @@ Three kinds of patches, all scoped to Megatron-Core (nothing in ``torch`` itself
   are wrapped so that, *while they run*, ``Tensor.type()`` reports the CUDA type name and
   ``Tensor.cuda()`` returns the tensor unchanged. Training is single-threaded per rank, so the
   temporary override is not observed by other code.
+* **Names missing without Transformer Engine.** A Megatron module that imports a TE function in a
+  ``try`` block and then tests the name for ``None`` without defining it in the ``except`` branch
+  gets that name defined as ``None`` (:data:`MISSING_TE_NAMES`), so its plain-PyTorch fallback runs.
+  This is not CUDA-specific (a GPU machine without TE has the same bug), so
+  :func:`define_missing_te_names` is also called by the model provider for MoE models.
 
 Each patch records the source text ("needle") of the CUDA call it neutralises;
 :func:`stale_patches` returns the patches whose needle is gone from the installed Megatron-Core, so a
@@ -45,7 +50,9 @@ import torch
 from megatron_ghpo.logging_utils import get_logger
 from megatron_ghpo.policy._cpu_torch import CpuCuda, CpuTorch, tensor_overrides
 
-__all__ = ["CpuCuda", "CpuTorch", "apply_cpu_compat", "cuda_available", "is_applied", "stale_patches"]
+__all__ = [
+    "CpuCuda", "CpuTorch", "apply_cpu_compat", "cuda_available", "define_missing_te_names", "is_applied", "stale_patches",
+]  # fmt: skip
 
 logger = get_logger(__name__)
 
@@ -152,12 +159,61 @@ SHIMMED_MODULES: tuple[ShimmedModule, ...] = (
         "dist_checkpointing.save failure broadcast / plan-reuse check: AssertionError: Torch not compiled with CUDA enabled",
     ),
     ShimmedModule(
+        "megatron.core.transformer.moe.token_dispatcher",
+        ("MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = torch.cuda.Stream()", "torch.cuda.stream(self.cuda_dtoh_stream)"),
+        "MoE alltoall token dispatcher (its device-to-host side stream): RuntimeError: torch.cuda.Stream requires CUDA support",
+    ),
+    ShimmedModule(
+        "megatron.core.transformer.moe.router",
+        ("self.weight.data = self.weight.data.to(device=torch.cuda.current_device())",),
+        "TopKRouter.gating moves a CPU router weight to torch.cuda.current_device(): "
+        "AssertionError: Torch not compiled with CUDA enabled",
+    ),
+    ShimmedModule(
         "megatron.core.utils",
         ('l2_cuda = torch.tensor([float(l2_reduced)], dtype=torch.float, device="cuda")',),
         "local_multi_tensor_l2_norm (the grad-norm fallback without apex): "
         "AssertionError: Torch not compiled with CUDA enabled",
     ),
 )
+
+
+@dataclass(frozen=True)
+class MissingName:
+    """A module-level name a Megatron module uses but leaves undefined when Transformer Engine is absent."""
+
+    module: str
+    name: str
+    needles: tuple[str, ...]
+    """Source fragments that use the name (each must still be in the module)."""
+    error: str
+
+
+MISSING_TE_NAMES: tuple[MissingName, ...] = (
+    MissingName(
+        "megatron.core.transformer.moe.moe_utils",
+        "te_general_gemm",
+        ("if te_general_gemm is not None and router_dtype != torch.float64:",
+         "if te_general_gemm is not None and ctx.router_dtype != torch.float64:"),
+        "MoE router (RouterGatingLinearFunction.forward / backward) without Transformer Engine: "
+        "NameError: name 'te_general_gemm' is not defined",
+    ),
+)
+
+
+def define_missing_te_names() -> list[str]:
+    """Define each :data:`MISSING_TE_NAMES` entry as ``None`` where the module lacks it. Idempotent.
+
+    Returns the ``module.name`` entries it defined (empty with Transformer Engine installed: the
+    module then imported the real function).
+    """
+    defined = []
+    for spec in MISSING_TE_NAMES:
+        module = importlib.import_module(spec.module)
+        if not hasattr(module, spec.name):
+            setattr(module, spec.name, None)
+            defined.append(f"{spec.module}.{spec.name}")
+    return defined
 
 
 @dataclass(frozen=True)
@@ -348,6 +404,7 @@ def apply_cpu_compat() -> bool:
         setattr(random_mod, name, replacement)
     for wrapped in WRAPPED_FUNCTIONS:
         _wrap(wrapped)
+    define_missing_te_names()
     apply_torch_adam_checkpoint_fix()
     _APPLIED = True
     logger.debug("Megatron-Core CPU compatibility patches applied (%d modules)", len(SHIMMED_MODULES))
@@ -406,6 +463,11 @@ def stale_patches() -> list[str]:
     text = source_of("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states")
     if ADAM_STEP_NEEDLE not in text:
         problems.append(f"DistributedOptimizer._set_main_param_and_optimizer_states: no longer contains {ADAM_STEP_NEEDLE!r}")
+    for missing in MISSING_TE_NAMES:
+        text = source_of(missing.module)
+        problems += [f"{missing.module}: no longer contains {n!r}" for n in missing.needles if n not in text]
+        if f"{missing.name} = None" in text:
+            problems.append(f"{missing.module}: now defines {missing.name} = None itself (the patch is unnecessary)")
     for wrapped in WRAPPED_FUNCTIONS:
         text = source_of(wrapped.module, wrapped.qualname)
         problems += [f"{wrapped.module}.{wrapped.qualname}: no longer contains {n!r}" for n in wrapped.needles if n not in text]

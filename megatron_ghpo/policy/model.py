@@ -1,8 +1,15 @@
 """Model provider: a Megatron-Core ``TransformerConfig`` and ``GPTModel`` chunks from an HF config.
 
-Llama and Qwen2 families: grouped-query attention, RoPE base θ (and Llama-3 frequency scaling),
-RMSNorm ε, SwiGLU MLP, Qwen2's q/k/v bias, tied or untied embeddings, vocabulary padded to a
-multiple of ``make_vocab_size_divisible_by × TP``.
+Llama, Qwen2, Qwen3 and Qwen3-MoE families: grouped-query attention, RoPE base θ (and Llama-3
+frequency scaling), RMSNorm ε, SwiGLU MLP, Qwen2's q/k/v bias, Qwen3's per-head q/k RMSNorm
+(``qk_layernorm``; ``head_dim`` may differ from ``hidden_size / num_attention_heads``), tied or untied
+embeddings, vocabulary padded to a multiple of ``make_vocab_size_divisible_by × TP``.
+
+Qwen3-MoE: Megatron's ``MoELayer`` with a softmax top-k router and one SwiGLU MLP per expert
+(``SequentialMLP``: works on CPU; grouped GEMM needs a GPU and is not used), the alltoall token
+dispatcher (dropless, variable sequence lengths), experts split over the expert-parallel group
+(``expert_model_parallel_size``) and, within an expert, over ``expert_tensor_parallel_size`` ranks.
+Dense layers of a mixed layout (``mlp_only_layers``, ``decoder_sparse_step``) keep a plain MLP.
 
 ``transformer_impl``: ``local`` (Megatron-Core's own PyTorch modules: the CPU path),
 ``transformer_engine`` (TE fused layers: GPU), ``auto`` (TE when it imports *and* CUDA is present).
@@ -17,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from megatron_ghpo.logging_utils import get_logger
-from megatron_ghpo.policy.hf_arch import HFArch, hf_arch
+from megatron_ghpo.policy.hf_arch import HFArch, MoEArch, hf_arch
 
 logger = get_logger(__name__)
 
@@ -90,12 +97,15 @@ def transformer_config_from_hf(
     fp8_recipe: str = "delayed",
     recompute: bool = False,
     sequence_parallel: bool = False,
+    ep: int = 1,
+    etp: int | None = None,
 ):
-    """A ``TransformerConfig`` reproducing ``hf_config`` (Llama/Qwen2) at the given TP/PP.
+    """A ``TransformerConfig`` reproducing ``hf_config`` at the given TP/PP (and EP/ETP for MoE).
 
     ``bf16=True`` implies ``params_dtype=torch.bfloat16``. ``recompute=True`` recomputes each
     layer's activations in backward (full, uniform, one layer per checkpoint). Dropout is 0 (RL and
-    SFT fine-tuning of these families train without it).
+    SFT fine-tuning of these families train without it). ``ep``: expert-parallel size; ``etp``:
+    expert tensor-parallel size (None: equal to ``tp``, Megatron's default); both MoE only.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -112,7 +122,9 @@ def transformer_config_from_hf(
         raise ValueError("sequence_parallel=True needs the Transformer Engine layer spec (GPU); set it false")
     if vpp == 1:
         vpp = None
+    etp = tp if etp is None else etp
     check_parallel_sizes(tp * pp, tp, pp, arch.num_heads, arch.num_kv_heads, arch.num_layers, vpp=vpp)
+    check_expert_sizes(arch.moe, ep=ep, etp=etp)
     te = impl == "transformer_engine"
     kwargs: dict[str, Any] = {
         "num_layers": arch.num_layers,
@@ -127,6 +139,7 @@ def transformer_config_from_hf(
         "activation_func": torch.nn.functional.silu,
         "add_bias_linear": False,
         "add_qkv_bias": arch.qkv_bias,
+        "qk_layernorm": arch.qk_layernorm,
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
         "init_method_std": arch.initializer_range,
@@ -144,7 +157,7 @@ def transformer_config_from_hf(
         # when PP=2 (previous = next stage); batched P2P then pairs them by order and can swap
         # them. Megatron's unbatched path puts the two directions on different groups.
         "batch_p2p_comm": vpp is None,
-        # No MoE here; the default 'allgather' dispatcher merely rejects variable_seq_lengths.
+        # The 'allgather' dispatcher rejects variable_seq_lengths; alltoall is dropless and runs on gloo.
         "moe_token_dispatcher_type": "alltoall",
         "attention_softmax_in_fp32": True,
         # Kernel fusions need CUDA (TE/apex); off on the local path.
@@ -158,6 +171,8 @@ def transformer_config_from_hf(
         "use_cpu_initialization": not torch.cuda.is_available(),
         "transformer_impl": impl,
     }
+    if arch.moe is not None:
+        kwargs.update(moe_kwargs(arch.moe, ep=ep, etp=etp))
     if fp8 is not None:
         kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe)
     if recompute:
@@ -165,20 +180,91 @@ def transformer_config_from_hf(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(config) -> Any:
+def check_expert_sizes(moe: MoEArch | None, *, ep: int, etp: int) -> None:
+    """Expert-parallel sizes against the model: EP > 1 (or ETP != TP) needs experts, EP divides them."""
+    for name, value in (("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if moe is None:
+        if ep > 1:
+            raise ValueError(
+                f"expert_model_parallel_size={ep} needs a mixture-of-experts model (num_experts > 0, e.g. "
+                "Qwen3-MoE); this model is dense: set expert_model_parallel_size: 1"
+            )
+        return
+    if moe.num_experts % ep:
+        raise ValueError(
+            f"expert_model_parallel_size={ep} does not divide num_experts={moe.num_experts}: every expert-parallel "
+            "rank holds the same number of experts; use a divisor of num_experts"
+        )
+
+
+def moe_kwargs(moe: MoEArch, *, ep: int, etp: int) -> dict[str, Any]:
+    """``TransformerConfig`` fields of a Qwen3-MoE block (Megatron-Core 0.16.1 router semantics).
+
+    transformers computes ``softmax(logits)`` over all experts, takes the top k, and with
+    ``norm_topk_prob`` divides them by their sum. The renormalised values equal a softmax over the
+    k chosen logits, which is Megatron's ``moe_router_pre_softmax=False`` (top-k on the logits, then
+    softmax); without renormalisation the full softmax's values are used, which is
+    ``moe_router_pre_softmax=True`` (softmax, then top-k). No score scaling, no expert bias, no
+    token dropping (capacity factor None), routing in the activations' dtype as transformers does.
+    The load-balancing loss is Megatron's per-layer switch loss weighted by ``router_aux_loss_coef``
+    (it only adds gradients: logits are unchanged).
+    """
+    return {
+        "num_moe_experts": moe.num_experts,
+        "moe_ffn_hidden_size": moe.ffn_hidden_size,
+        "moe_router_topk": moe.topk,
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not moe.norm_topk_prob,
+        "moe_router_topk_scaling_factor": None,
+        "moe_router_load_balancing_type": "aux_loss" if moe.aux_loss_coeff > 0 else "none",
+        "moe_aux_loss_coeff": moe.aux_loss_coeff,
+        "moe_layer_freq": list(moe.layer_pattern),
+        "moe_expert_capacity_factor": None,
+        "moe_shared_expert_intermediate_size": None,
+        # Grouped GEMM (TE / cutlass kernels) needs a GPU; SequentialMLP runs one MLP per local expert.
+        "moe_grouped_gemm": False,
+        "moe_permute_fusion": False,
+        "moe_router_fusion": False,
+        "expert_model_parallel_size": ep,
+        "expert_tensor_parallel_size": etp,
+    }
+
+
+def _use_sdpa(layer) -> None:
+    from megatron_ghpo.policy.attention import SDPADotProductAttention
+
+    layer.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+
+
+def layer_spec(config, *, vp_stage: int | None = None, pp_rank: int | None = None) -> Any:
     """Megatron layer spec for ``config.transformer_impl``: TE fused modules, or local PyTorch ones with
-    attention on PyTorch's SDPA kernel (:mod:`megatron_ghpo.policy.attention`)."""
+    attention on PyTorch's SDPA kernel (:mod:`megatron_ghpo.policy.attention`).
+
+    Dense models: one layer spec for every layer. MoE models: the block spec of pipeline rank
+    ``pp_rank`` (virtual stage ``vp_stage``), one layer spec per layer it builds, MoE or dense as
+    ``config.moe_layer_freq`` says.
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if config.transformer_impl == "transformer_engine":
-        return get_gpt_layer_with_transformer_engine_spec()
-    from megatron_ghpo.policy.attention import SDPADotProductAttention
-
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    te = config.transformer_impl == "transformer_engine"
+    if config.num_moe_experts is not None:
+        block = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+        )
+        if not te:
+            for spec in block.layer_specs:
+                _use_sdpa(spec)
+        return block
+    if te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    _use_sdpa(spec)
     return spec
 
 
@@ -223,16 +309,18 @@ def build_gpt_model(
             fp8_recipe=fp8_recipe,
             recompute=recompute,
             sequence_parallel=layout.sequence_parallel,
+            ep=layout.ep,
+            etp=layout.etp,
         )
     padded = vocab_size if vocab_size is not None else padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, layout.tp)
     if padded < arch.vocab_size or padded % layout.tp != 0:
         raise ValueError(
             f"vocabulary size {padded} must be >= the tokenizer's {arch.vocab_size} and divisible by TP {layout.tp}"
         )
-    spec = layer_spec(config)
     chunks = []
     for vp_stage in range(layout.model_chunks_per_rank):
         stage = vp_stage if layout.vpp else None
+        spec = layer_spec(config, vp_stage=stage, pp_rank=layout.pp_rank)
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,

@@ -1,4 +1,4 @@
-"""Process groups for the policy: TP x PP x DP over gloo (CPU) or NCCL (CUDA), checked once.
+"""Process groups for the policy: TP x PP x DP (x EP for MoE) over gloo (CPU) or NCCL (CUDA), checked once.
 
 Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``). A single process started without a launcher gets a one-rank group on a free
@@ -6,6 +6,12 @@ local port, so tools and tests can use the same code path at TP=PP=1.
 
 Rank order is Megatron's ``tp-cp-ep-dp-pp``: the TP ranks of a model replica are adjacent, then
 data-parallel replicas, then pipeline stages.
+
+Mixture-of-experts layers use a second grid over the same ranks of a pipeline stage:
+``ETP x EP x EDP = TP x DP`` (expert tensor-parallel, expert-parallel and expert data-parallel
+sizes, ETP fastest). EP ranks hold disjoint sets of experts; attention and every dense weight stay
+on the TP x DP grid. With ``ETP x EP`` dividing TP the experts of a model replica lie inside its
+TP group; otherwise expert-parallel groups span data-parallel replicas.
 """
 
 from __future__ import annotations
@@ -47,6 +53,12 @@ class ParallelLayout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    ep: int = 1
+    """Expert-parallel size (MoE: experts split over this many ranks)."""
+    etp: int = 1
+    """Expert tensor-parallel size (each expert's MLP split over this many ranks)."""
+    ep_rank: int = 0
+    etp_rank: int = 0
     sequence_parallel: bool
     backend: str
     """``gloo`` or ``nccl``."""
@@ -119,6 +131,23 @@ def check_parallel_sizes(
     return world_size // (tp * pp)
 
 
+def check_expert_parallel_sizes(world_size: int, tp: int, pp: int, ep: int, etp: int) -> None:
+    """Validate the expert grid: ``ETP x EP`` must divide the ranks of one pipeline stage (``TP x DP``).
+
+    Raises ``ValueError`` naming the fields and every number.
+    """
+    for name, value in (("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    per_stage = world_size // pp
+    if per_stage % (ep * etp):
+        raise ValueError(
+            f"expert_tensor_parallel_size {etp} x expert_model_parallel_size {ep} = {ep * etp} does not divide the "
+            f"{per_stage} ranks of a pipeline stage (world size {world_size} / pipeline_model_parallel_size {pp}; "
+            f"tensor_model_parallel_size {tp} x data-parallel size {per_stage // tp}); choose EP x ETP dividing {per_stage}"
+        )
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -149,6 +178,8 @@ def init_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: int | None = None,
+    expert_model_parallel_size: int | None = None,
+    expert_tensor_parallel_size: int | None = None,
     sequence_parallel: bool = False,
     seed: int = 42,
     backend: str | None = None,
@@ -159,7 +190,11 @@ def init_parallel(
     ``backend=None`` picks ``nccl`` when CUDA is available, else ``gloo``. Without CUDA the
     Megatron-Core CPU compatibility patches are applied first. Seeds Python, NumPy and torch with
     ``seed`` on every rank, and Megatron's model-parallel RNG tracker (TP-rank-specific dropout
-    streams). Calling it again with the same sizes returns the existing layout.
+    streams). Calling it again with the same sizes returns the existing layout (``None`` for the
+    expert sizes accepts whatever the existing layout has).
+
+    ``expert_model_parallel_size`` (default 1) and ``expert_tensor_parallel_size`` (default: the TP
+    size, as in Megatron) shape the expert grid of MoE models (see the module docstring).
     """
     global _LAYOUT
     from megatron.core import parallel_state
@@ -182,15 +217,21 @@ def init_parallel(
         if tp < 2:
             raise ValueError(f"sequence_parallel=True needs tensor_model_parallel_size > 1, got {tp}")
     if _LAYOUT is not None:
-        if (_LAYOUT.tp, _LAYOUT.pp, _LAYOUT.vpp, _LAYOUT.sequence_parallel) != (tp, pp, vpp, sequence_parallel):
+        ep_differs = expert_model_parallel_size not in (None, _LAYOUT.ep)
+        etp_differs = expert_tensor_parallel_size not in (None, _LAYOUT.etp)
+        if (_LAYOUT.tp, _LAYOUT.pp, _LAYOUT.vpp, _LAYOUT.sequence_parallel) != (tp, pp, vpp, sequence_parallel) or ep_differs or etp_differs:
             raise RuntimeError(
                 f"parallel state already initialised as TP={_LAYOUT.tp} PP={_LAYOUT.pp} VPP={_LAYOUT.vpp} "
-                f"SP={_LAYOUT.sequence_parallel}; call destroy_parallel() before TP={tp} PP={pp} VPP={vpp} SP={sequence_parallel}"
+                f"SP={_LAYOUT.sequence_parallel} EP={_LAYOUT.ep} ETP={_LAYOUT.etp}; call destroy_parallel() before "
+                f"TP={tp} PP={pp} VPP={vpp} SP={sequence_parallel} EP={expert_model_parallel_size} ETP={expert_tensor_parallel_size}"
             )
         return _LAYOUT
+    ep = 1 if expert_model_parallel_size is None else expert_model_parallel_size
+    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
 
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if not torch.distributed.is_initialized() else torch.distributed.get_world_size()
     check_parallel_sizes(world_size, tp, pp, vpp=vpp)
+    check_expert_parallel_sizes(world_size, tp, pp, ep, etp)
     if not has_cuda:
         apply_cpu_compat()
     device = torch.device("cpu")
@@ -206,6 +247,8 @@ def init_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     _seed_everything(seed)
@@ -219,6 +262,10 @@ def init_parallel(
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        ep=ep,
+        etp=etp,
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
         sequence_parallel=sequence_parallel,
         backend=torch.distributed.get_backend(),
         device=device,

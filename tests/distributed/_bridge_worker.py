@@ -5,9 +5,10 @@ Tasks (each rank writes ``{out}/rank<r>.json``: a list of check records the test
 ``import``   one rank: ``hf_to_megatron`` for every model, then at TP=PP=1 load each checkpoint,
              export and compare with the HF safetensors bit for bit, Megatron logits vs HF logits,
              the measured export memory, and the errors for HF folders with an unknown / a missing tensor.
-``layouts``  N ranks: for each (TP, PP, VPP) layout and model, load the checkpoint, export to every
-             rank (``destination="all"``) and compare bit for bit on every rank, check the key set,
-             check ``destination="first"``, and measure peak extra memory on the memory model.
+``layouts``  N ranks: for each (TP, PP, VPP[, EP, ETP]) layout and model, load the checkpoint, export to
+             every rank (``destination="all"``) and compare bit for bit on every rank, check the key set,
+             check ``destination="first"``, and measure peak extra memory on the memory model. Layouts
+             with expert parallelism (EP > 1 or ETP != TP) run the mixture-of-experts models only.
 """
 
 from __future__ import annotations
@@ -150,14 +151,20 @@ def task_layouts(args: dict) -> None:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    for tp, pp, vpp in args["layouts"]:
-        init_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
+    for layout in args["layouts"]:
+        tp, pp, vpp, ep, etp = (*layout, 1, layout[0])[:5] if len(layout) == 3 else layout
+        expert_layout = len(layout) > 3
+        init_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+                      expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)  # fmt: skip
         for m in args["models"]:
-            if vpp and m["layers"] % (pp * vpp):
+            if (vpp and m["layers"] % (pp * vpp)) or (expert_layout and not m.get("moe")):
                 continue
             chunks = build_and_load(m["ckpt"], m["hf_dir"])
             for transport in ("collective", "shm"):
-                tag = {"model": m["name"], "layout": [tp, pp, vpp], "transport": transport}
+                tag = {"model": m["name"], "layout": layout, "transport": transport}
+                if transport == "shm" and tp % (ep * etp) and tp * pp > 1:  # (one-rank groups need no sharing)
+                    check_shm_rejects_outside_experts(chunks, m["hf_dir"], tag)
+                    continue
                 compare_export(chunks, m["hf_dir"], m["hf_dir"], tag, bucket_bytes=args["bucket_bytes"], transport=transport,
                                dtype=stored_dtype(m))  # fmt: skip
                 if m.get("first"):
@@ -173,17 +180,30 @@ def task_layouts(args: dict) -> None:
                 if m.get("memory"):
                     stats = measure_export(chunks, m["hf_dir"], args["memory_bucket_bytes"], transport)
                     record("export_memory", stats["peak_extra"] <= stats["bucket_bytes"] + stats["largest"], **tag, **stats)
-            if not (m.get("first") or m["name"] == "qwen2_tied_gqa"):
+            if not (m.get("first") or m.get("moe") or m["name"] == "qwen2_tied_gqa"):
                 del chunks
                 continue
             # Direct HF import into the sharded model (what the policy does at start-up), then export.
             live = build_gpt_model(m["hf_dir"], params_dtype=stored_dtype(m) or torch.float32, transformer_impl="local")
             load_hf_weights(live, m["hf_dir"])
-            compare_export(live, m["hf_dir"], m["hf_dir"], {"model": m["name"], "layout": [tp, pp, vpp], "live_import": True},
+            compare_export(live, m["hf_dir"], m["hf_dir"], {"model": m["name"], "layout": layout, "live_import": True},
                            bucket_bytes=args["bucket_bytes"], dtype=stored_dtype(m))  # fmt: skip
             del chunks, live
             gc.collect()
         destroy_parallel()
+
+
+def check_shm_rejects_outside_experts(chunks, config, tag: dict) -> None:
+    """``transport="shm"`` with experts outside the TP group: a RuntimeError naming the sizes."""
+    from megatron_ghpo.bridge.export import export_hf_weights
+
+    try:
+        for _ in export_hf_weights(chunks, config, transport="shm"):
+            pass
+    except RuntimeError as exc:
+        record("shm_rejects_experts_outside_tp", "expert_model_parallel_size" in str(exc), **tag, message=str(exc)[:300])
+    else:
+        record("shm_rejects_experts_outside_tp", False, **tag, message="no error raised")
 
 
 def main() -> int:

@@ -306,7 +306,7 @@ class TrainingConfig:
     group_by_length: bool = True
     """Padded micro-batches take the step's sequences in order of length, so hinted (longer) prompts
     share micro-batches instead of making every one pad to their length. Changes which sequences
-    share a micro-batch (the ``bnpo`` per-micro-batch token mean), not the sequences trained."""
+    share a micro-batch, not the loss or its gradient (the loss weights come from whole-step counts)."""
     share_prompts: bool = False
     """Shared-prompt rows in the train step: a row holds a prompt once and several of its completions,
     each attending to it, so a group of G costs a few prompts (one per row, see ``shared_row_tokens``)

@@ -108,10 +108,8 @@ class TrainBatch:
     """Everything one optimizer step trains on, on one data-parallel rank."""
 
     samples: list[TrainSample]
-    global_completion_tokens: int = 0
-    """Masked completion tokens over the whole global batch (all DP ranks); used by ``loss_type: dapo``."""
-    global_num_sequences: int = 0
-    """Sequences over the whole global batch (all DP ranks); used by ``loss_type: dr_grpo``."""
+    """In sample order: ``bnpo``'s normalisation units are consecutive runs of it (the policy derives
+    every loss normaliser from this list, summed over data-parallel ranks)."""
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -10,21 +10,22 @@ from megatron_ghpo.algo.advantages import (
     zero_variance_groups,
 )
 from megatron_ghpo.algo.losses import (
-    LOSS_REDUCTION,
     LOSS_TYPES,
-    aggregate_loss,
+    StepCounts,
     completion_mask,
     k3_kl,
     masked_mean,
     masked_sum,
     per_token_policy_loss,
+    sequence_loss_weights,
+    step_counts,
+    weighted_loss,
 )
 
 __all__ = [
-    "LOSS_REDUCTION",
     "LOSS_TYPES",
     "SCALE_REWARDS",
-    "aggregate_loss",
+    "StepCounts",
     "completion_mask",
     "group_advantages",
     "informative_group_indices",
@@ -34,6 +35,9 @@ __all__ = [
     "normalize_scale_rewards",
     "per_token_policy_loss",
     "reward_moments",
+    "sequence_loss_weights",
+    "step_counts",
     "std_from_moments",
+    "weighted_loss",
     "zero_variance_groups",
 ]

@@ -1,39 +1,117 @@
-"""Policy-gradient loss math: clipped surrogate, k3 KL, aggregation, completion masks.
+"""Policy-gradient loss math: clipped surrogate, k3 KL, layout-free normalisation, completion masks.
 
 Shapes: ``B`` sequences in one micro-batch, ``T`` completion positions (padded). Every function
 here is pure tensor math on whatever device its inputs live on.
 
-How a step's loss is assembled from micro-batches (``LOSS_REDUCTION``):
+How a step's loss is normalised. The step loss is a weighted sum over every completion token of
+the optimizer step (all micro-batches, all data-parallel ranks)::
 
-* ``bnpo`` / ``grpo`` / ``dr_grpo`` -> ``"mean"``: each micro-batch value is already normalised
-  within the micro-batch; the optimizer-step loss is the **mean** over the gradient-accumulation
-  micro-batches and over the data-parallel ranks (the reference averages them the same way). In
-  Megatron terms: return the value as is, let the schedule divide by ``num_microbatches`` and let
-  the data-parallel gradient reduction average over ranks.
-* ``dapo`` -> ``"sum"``: each micro-batch value is ``sum(l*m) / global_tokens`` where
-  ``global_tokens`` counts the masked completion tokens of the whole global batch (all micro-batches
-  on all DP ranks); the step loss is the **sum** over micro-batches and ranks, i.e. exactly the
-  token mean over the global batch. In Megatron terms: undo the schedule's division by
-  ``num_microbatches`` (multiply by it) and sum, not average, gradients over DP (multiply by the
-  DP size when the gradient reduction averages).
+    L = sum_i w_i * sum_t l_it * m_it
+
+with one weight ``w_i`` per sequence, fixed from counts over the **whole step** before any
+micro-batch is formed (:func:`sequence_loss_weights`). Which sequences share a micro-batch
+(length grouping, packing, shared-prompt rows, micro-batch size) therefore changes neither the
+loss nor its gradient. Per ``loss_type``:
+
+* ``bnpo``: ``w_i = 1 / (U * n_u)``: the token mean of each normalisation unit ``u`` (``unit_size``
+  consecutive completions of a replica's step, in sample order: the reference's per-device
+  micro-batch of ``per_device_train_batch_size`` sequences, one group of G in the seed recipe),
+  averaged over the ``U`` units of the step. This is the reference's weighting (per-micro-batch
+  token mean, averaged over gradient-accumulation steps and data-parallel ranks) whatever our own
+  micro-batch layout is;
+* ``grpo``: ``w_i = 1 / (N * n_i)``: each sequence's token mean, averaged over the ``N`` sequences;
+* ``dr_grpo``: ``w_i = 1 / (N * max_completion_length)``;
+* ``dapo``: ``w_i = 1 / n``: the token mean over the ``n`` completion tokens of the step (also the
+  SFT normaliser).
+
+``n_i`` counts the masked completion tokens of sequence ``i`` (clamped to >= 1: a fully masked
+sequence or unit contributes 0 but still counts in ``N`` / ``U``, as in the reference's means).
+In Megatron terms each micro-batch returns its part of the sum; the loss handed to the schedule is
+multiplied by ``num_microbatches * dp`` so that the schedule's division by the number of
+micro-batches and the data-parallel gradient averaging cancel, leaving the gradient of ``L``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "dapo")
 
-LOSS_REDUCTION: dict[str, str] = {
-    "bnpo": "mean",
-    "grpo": "mean",
-    "dr_grpo": "mean",
-    "dapo": "sum",
-}
-"""How per-micro-batch values of :func:`aggregate_loss` combine into the step loss across
-gradient-accumulation micro-batches and data-parallel ranks (see the module docstring)."""
+
+@dataclass(frozen=True)
+class StepCounts:
+    """Counts over a whole optimizer step (summed over data-parallel ranks) that fix the weights."""
+
+    tokens: float
+    """Masked completion tokens."""
+    sequences: float
+    """Sequences (completions)."""
+    units: float
+    """``bnpo`` normalisation units (see the module docstring)."""
+
+    def as_list(self) -> list[float]:
+        return [self.tokens, self.sequences, self.units]
+
+
+def _units(n: int, unit_size: int | None) -> list[range]:
+    """Consecutive index ranges of the normalisation units of ``n`` sequences."""
+    if unit_size is not None and unit_size < 1:
+        raise ValueError(f"unit_size must be >= 1 or None, got {unit_size}")
+    size = n if unit_size is None else unit_size
+    return [range(a, min(a + size, n)) for a in range(0, n, max(size, 1))]
+
+
+def step_counts(token_counts: Sequence[float], *, unit_size: int | None) -> StepCounts:
+    """This replica's counts; all-reduce :meth:`StepCounts.as_list` over data-parallel ranks for the step's."""
+    return StepCounts(tokens=float(sum(token_counts)), sequences=float(len(token_counts)),
+                      units=float(len(_units(len(token_counts), unit_size))))
+
+
+def sequence_loss_weights(
+    token_counts: Sequence[float],
+    *,
+    loss_type: str,
+    totals: StepCounts,
+    unit_size: int | None = None,
+    max_completion_length: int | None = None,
+) -> torch.Tensor:
+    """One weight per sequence (float64 ``[len(token_counts)]``) so that the step loss is
+    ``sum_i w_i sum_t l_it m_it`` (module docstring).
+
+    ``token_counts``: masked completion tokens of this replica's sequences, in sample order;
+    ``totals``: :class:`StepCounts` of the whole step (all data-parallel ranks); ``unit_size``:
+    ``bnpo``'s unit (None: all of this replica's sequences form one unit).
+    """
+    n = torch.tensor([float(c) for c in token_counts], dtype=torch.float64)
+    if bool((n < 0).any()):
+        raise ValueError("token_counts must be >= 0")
+    if loss_type == "bnpo":
+        units = _units(len(n), unit_size)
+        if totals.units < len(units):
+            raise ValueError(f"totals.units ({totals.units:.0f}) is smaller than this replica's {len(units)} units; "
+                             "pass the counts summed over data-parallel ranks")
+        w = torch.empty_like(n)
+        for u in units:
+            w[u.start : u.stop] = 1.0 / (totals.units * n[u.start : u.stop].sum().clamp(min=1.0))
+        return w
+    if loss_type in ("grpo", "dr_grpo") and totals.sequences < len(n):
+        raise ValueError(f"totals.sequences ({totals.sequences:.0f}) is smaller than this replica's {len(n)}; "
+                         "pass the counts summed over data-parallel ranks")
+    if loss_type == "grpo":
+        return 1.0 / (totals.sequences * n.clamp(min=1.0))
+    if loss_type == "dr_grpo":
+        if max_completion_length is None or max_completion_length <= 0:
+            raise ValueError(f"loss_type dr_grpo needs max_completion_length > 0, got {max_completion_length!r}")
+        return torch.full_like(n, 1.0 / (totals.sequences * max_completion_length))
+    if loss_type == "dapo":
+        if totals.tokens < float(n.sum()):
+            raise ValueError(f"totals.tokens ({totals.tokens:.0f}) is smaller than this replica's {float(n.sum()):.0f} "
+                             "masked tokens; pass the counts summed over data-parallel ranks")
+        return torch.full_like(n, 1.0 / max(totals.tokens, 1.0))
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
 def _check_2d(name: str, t: torch.Tensor, shape: torch.Size | None = None) -> None:
@@ -127,56 +205,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
 
 
-def aggregate_loss(
-    per_token_loss: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    loss_type: str,
-    max_completion_length: int | None = None,
-    global_tokens: float | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Scalar loss of ONE micro-batch from per-token losses [B, T] and a 0/1 mask [B, T].
+def weighted_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """This micro-batch's part of the step loss: ``sum_i weights_i * sum_t loss_it * mask_it``.
 
-    * ``bnpo``: ``sum(l·m) / sum(m)`` over this micro-batch (count clamped to ≥ 1).
-    * ``grpo``: mean over sequences of each sequence's masked token mean.
-    * ``dr_grpo``: ``sum(l·m) / (B · max_completion_length)``.
-    * ``dapo``: ``sum(l·m) / global_tokens`` (masked completion tokens of the whole global batch,
-      all micro-batches and DP ranks; 0 only when every token is masked, giving a zero loss).
-
-    Combine micro-batch values per ``LOSS_REDUCTION[loss_type]``.
-    """
+    ``weights`` [B] come from :func:`sequence_loss_weights` (counts over the whole step), so the
+    micro-batch parts add up to the step loss whatever the layout."""
     _check_2d("per_token_loss", per_token_loss)
     _check_2d("mask", mask, per_token_loss.shape)
-    m = mask.to(per_token_loss.dtype)
-    total = (per_token_loss * m).sum()
-    if loss_type == "bnpo":
-        return total / m.sum().clamp(min=1.0)
-    if loss_type == "grpo":
-        per_seq = (per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)
-        return per_seq.mean()
-    if loss_type == "dr_grpo":
-        if max_completion_length is None or max_completion_length <= 0:
-            raise ValueError(
-                f"loss_type dr_grpo needs max_completion_length > 0, got {max_completion_length!r}"
-            )
-        return total / (per_token_loss.shape[0] * max_completion_length)
-    if loss_type == "dapo":
-        if global_tokens is None:
-            raise ValueError(
-                "loss_type dapo needs global_tokens (masked completion tokens of the global batch)"
-            )
-        g = torch.as_tensor(global_tokens, dtype=per_token_loss.dtype, device=per_token_loss.device)
-        if not isinstance(global_tokens, torch.Tensor) and global_tokens < 0:
-            raise ValueError(f"global_tokens must be >= 0, got {float(g)}")
-        # wiring check (a per-micro-batch count passed by mistake); host tensors only, so it never
-        # forces a device synchronisation inside the pipeline schedule
-        if m.device.type == "cpu" and bool(g < m.sum()):
-            raise ValueError(
-                f"global_tokens ({float(g):.0f}) is smaller than this micro-batch's masked tokens "
-                f"({float(m.sum()):.0f}); pass the count over the whole global batch"
-            )
-        return total / g.clamp(min=1.0)
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if weights.dim() != 1 or weights.shape[0] != per_token_loss.shape[0]:
+        raise ValueError(f"weights must be [B]={per_token_loss.shape[0]}, got {tuple(weights.shape)}")
+    per_seq = (per_token_loss * mask.to(per_token_loss.dtype)).sum(-1)
+    return (per_seq * weights.to(per_token_loss.dtype)).sum()
 
 
 def _eos_set(eos_token_id: int | Sequence[int]) -> list[int]:

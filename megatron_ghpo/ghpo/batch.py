@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from megatron_ghpo.algo.losses import completion_mask
 from megatron_ghpo.records import Group, TrainBatch, TrainSample
-
-
-def _identity_sum(x: int) -> int:
-    return x
 
 
 def group_rewards(groups: list[Group]) -> torch.Tensor:
@@ -40,22 +36,19 @@ def build_train_batch(
     *,
     eos_token_id: int | Sequence[int],
     mask_truncated_completions: bool = False,
-    reduce_sum: Callable[[int], int] = _identity_sum,
 ) -> TrainBatch:
     """One TrainSample per completion: prompt ids of the *trained* prompt, completion ids, advantage,
     completion mask (up to and including the first EOS; whole completion masked when it was
     truncated and ``mask_truncated_completions``) and the engine's log-probs as ``old_logprobs``
     (None when the group is trained on a prompt other than the one it was sampled from).
 
-    ``advantages`` is [num_groups, G]. ``reduce_sum`` all-reduces an int over data-parallel ranks
-    (identity on one rank); it is called twice, in the same order on every rank, to fill
-    ``global_completion_tokens`` and ``global_num_sequences``.
+    ``advantages`` is [num_groups, G]. Samples come group by group, in order, so each group's G
+    completions are consecutive (``bnpo``'s normalisation unit in the seed recipe).
     """
     adv = torch.as_tensor(advantages, dtype=torch.float32)
     if adv.dim() != 2 or adv.shape[0] != len(groups):
         raise ValueError(f"advantages must be [num_groups={len(groups)}, G], got {tuple(adv.shape)}")
     samples: list[TrainSample] = []
-    local_tokens = 0
     for gi, g in enumerate(groups):
         if adv.shape[1] != g.size:
             raise ValueError(
@@ -78,7 +71,6 @@ def build_train_batch(
                     f"completion {ci} of group {gi} has {len(c.logprobs)} log-probs for {len(c.token_ids)} tokens"
                 )
             row = mask[ci, : len(c.token_ids)].tolist()
-            local_tokens += sum(row)
             samples.append(
                 TrainSample(
                     prompt_ids=prompt_ids,
@@ -89,8 +81,4 @@ def build_train_batch(
                     group_index=gi,
                 )
             )
-    return TrainBatch(
-        samples=samples,
-        global_completion_tokens=int(reduce_sum(local_tokens)),
-        global_num_sequences=int(reduce_sum(len(samples))),
-    )
+    return TrainBatch(samples=samples)

@@ -64,6 +64,9 @@ class MicroBatch:
     """Input positions holding a real token (the rest is padding)."""
     rope_positions: bool = False
     """True when ``position_ids`` are not the row offsets and RoPE must use them (shared prompts)."""
+    loss_weights: torch.Tensor | None = None
+    """[n] float64 per-sequence loss weights fixed over the whole step
+    (``megatron_ghpo.algo.losses.sequence_loss_weights``); None for forward-only passes."""
 
     @property
     def num_sequences(self) -> int:
@@ -338,6 +341,7 @@ def make_micro_batches(
     group_by_length: bool = False,
     share_prompts: bool = False,
     max_row_tokens: int | None = None,
+    loss_weights: torch.Tensor | None = None,
 ) -> list[MicroBatch]:
     """Split ``samples`` into micro-batches.
 
@@ -352,9 +356,29 @@ def make_micro_batches(
     each sequence's place in ``samples``. ``share_prompts``: rows of one prompt and its completions
     (see the module docstring), at most ``max_row_tokens`` tokens each (:func:`shared_rows`);
     micro-batches take rows of at most ``micro_batch_size`` sequences in all (at least one row).
+    ``loss_weights`` ([len(samples)], in sample order) are handed to each micro-batch for its sequences.
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if loss_weights is not None and tuple(loss_weights.shape) != (len(samples),):
+        raise ValueError(f"loss_weights must be [{len(samples)}] (one per sample), got {tuple(loss_weights.shape)}")
+    mbs = _layout_micro_batches(samples, micro_batch_size=micro_batch_size,
+                                max_tokens_per_micro_batch=max_tokens_per_micro_batch, pad_token_id=pad_token_id,
+                                uniform_shape=uniform_shape, pad_to_multiple_of=pad_to_multiple_of,
+                                group_by_length=group_by_length, share_prompts=share_prompts,
+                                max_row_tokens=max_row_tokens)  # fmt: skip
+    if loss_weights is not None:
+        for mb in mbs:
+            mb.loss_weights = loss_weights[torch.tensor(mb.sample_index, dtype=torch.int64)].to(torch.float64)
+    return mbs
+
+
+def _layout_micro_batches(
+    samples: Sequence[TrainSample], *, micro_batch_size: int, max_tokens_per_micro_batch: int | None,
+    pad_token_id: int, uniform_shape: bool, pad_to_multiple_of: int, group_by_length: bool, share_prompts: bool,
+    max_row_tokens: int | None,
+) -> list[MicroBatch]:
+    """The layouts of :func:`make_micro_batches` (same arguments, no weights)."""
 
     def round_up(n: int) -> int:
         return -(-n // pad_to_multiple_of) * pad_to_multiple_of

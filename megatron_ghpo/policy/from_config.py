@@ -60,7 +60,7 @@ def policy_kwargs(cfg: Any, *, total_steps: int | None = None, mode: str = "rl")
         "algorithm": AlgorithmOptions(
             loss_type=a.loss_type, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
             beta=a.beta if mode == "rl" else 0.0, temperature=r.temperature,
-            max_completion_length=r.max_completion_length,
+            max_completion_length=r.max_completion_length, loss_unit_size=t.per_device_train_batch_size,
         ),
         "batching": BatchingOptions(micro_batch_size=t.per_device_train_batch_size, max_tokens_per_micro_batch=packing,
                                     group_by_length=t.group_by_length, share_prompts=t.share_prompts,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "dapo")
+from megatron_ghpo.algo.losses import LOSS_TYPES
 
 
 @dataclass(kw_only=True)
@@ -84,6 +84,10 @@ class AlgorithmOptions:
     """Sampling temperature of the rollout; training log-probs use the same one."""
     max_completion_length: int | None = None
     """Needed by ``dr_grpo``."""
+    loss_unit_size: int | None = None
+    """``bnpo``'s normalisation unit: this many consecutive completions of a replica's step, in sample
+    order (the config's ``per_device_train_batch_size``, the reference's micro-batch); None = one unit
+    per replica. Independent of the micro-batch layout (``megatron_ghpo.algo.losses``)."""
     compute_entropy: bool = True
     """Report the policy entropy over completion tokens (one extra pass over the logits)."""
 
@@ -94,5 +98,7 @@ class AlgorithmOptions:
             raise ValueError(f"temperature={self.temperature}: must be > 0")
         if self.beta < 0:
             raise ValueError(f"beta={self.beta}: must be >= 0")
+        if self.loss_unit_size is not None and self.loss_unit_size < 1:
+            raise ValueError(f"loss_unit_size={self.loss_unit_size}: must be >= 1 or None")
         if self.loss_type == "dr_grpo" and not self.max_completion_length:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length (its normaliser)")

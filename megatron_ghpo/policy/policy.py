@@ -152,7 +152,7 @@ class MegatronPolicy(PolicyIO):
             self.optimizer.reload_model_params()
 
     # ----------------------------------------------------------------------------- batches
-    def _micro_batches(self, samples: list[TrainSample]):
+    def _micro_batches(self, samples: list[TrainSample], loss_weights: torch.Tensor | None = None):
         validate_samples(samples, vocab_size=self.arch.vocab_size, max_length=self.arch.max_position_embeddings)
         self._check_same_batch(samples)
         b = self.batching
@@ -173,6 +173,7 @@ class MegatronPolicy(PolicyIO):
             pad_token_id=b.pad_token_id, uniform_shape=self.layout.vpp is not None,
             pad_to_multiple_of=math.lcm(16 if self.model_options.fp8 else 1, self.layout.tp if self.layout.sequence_parallel else 1),
             group_by_length=b.group_by_length, share_prompts=b.share_prompts, max_row_tokens=b.shared_row_tokens,
+            loss_weights=loss_weights,
         )  # fmt: skip
 
     def _check_same_batch(self, samples: list[TrainSample]) -> None:
@@ -191,12 +192,22 @@ class MegatronPolicy(PolicyIO):
                 "TrainBatches; every rank of a replica must pass the same batch (broadcast it from the replica's leader)"
             )
 
-    def _global_tokens(self, samples: list[TrainSample]) -> float:
+    def _loss_weights(self, samples: list[TrainSample], mode: str) -> torch.Tensor:
+        """Per-sequence loss weights from counts over the whole step (one all-reduce over DP), so the
+        step loss and gradient do not depend on how sequences are laid out in micro-batches."""
         from megatron.core import parallel_state
 
-        t = torch.tensor([float(sum(sum(s.completion_mask) for s in samples))], dtype=torch.float64, device=self.layout.device)
+        from megatron_ghpo.algo.losses import StepCounts, sequence_loss_weights, step_counts
+
+        a = self.algorithm
+        loss_type = "dapo" if mode == "sft" else a.loss_type  # SFT: the token mean over the step
+        counts = [float(sum(s.completion_mask)) for s in samples]
+        local = step_counts(counts, unit_size=a.loss_unit_size)
+        t = torch.tensor(local.as_list(), dtype=torch.float64, device=self.layout.device)
         torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
-        return float(t.item())
+        totals = StepCounts(*t.tolist())
+        return sequence_loss_weights(counts, loss_type=loss_type, totals=totals, unit_size=a.loss_unit_size,
+                                     max_completion_length=a.max_completion_length)
 
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float | None = None, reference: bool = False, entropy: bool = False):
         """Per-sample log-probs of each completion token under the current (or reference) model.
@@ -247,13 +258,11 @@ class MegatronPolicy(PolicyIO):
         Returns the reduced loss report (identical on every rank). :meth:`train_step` is this
         followed by :meth:`apply_update`; the split exists for inspection (tests, debugging).
         """
-        from megatron_ghpo.algo.losses import LOSS_REDUCTION
-
         if self.optimizer is None:
             raise RuntimeError("this policy was built with train=False: it cannot train")
         if mode == "policy":
             samples = self._with_reference(samples)
-        mbs = self._micro_batches(samples)
+        mbs = self._micro_batches(samples, loss_weights=self._loss_weights(samples, mode))
         lay = self.layout
         if lay.vpp and len(mbs) % lay.pp:
             raise ValueError(
@@ -261,21 +270,17 @@ class MegatronPolicy(PolicyIO):
                 f"{len(mbs)} ({len(samples)} sequences, micro_batch_size={self.batching.micro_batch_size}); change the batch "
                 "or micro-batch size, or disable virtual_pipeline_model_parallel_size"
             )
-        reduction = "sum" if mode == "sft" else LOSS_REDUCTION[self.algorithm.loss_type]
-        needs_global = mode == "sft" or self.algorithm.loss_type == "dapo"
         spec = LossSpec(
             mode=mode, algorithm=self.algorithm, vocab_size=self.arch.vocab_size,
             temperature=1.0 if mode == "sft" else self.algorithm.temperature,  # SFT: plain cross-entropy
-            loss_scale=float(len(mbs) * self.layout.dp) if reduction == "sum" else 1.0,
-            global_tokens=self._global_tokens(samples) if needs_global else 1.0,
-            with_entropy=self.algorithm.compute_entropy,
+            loss_scale=float(len(mbs) * self.layout.dp), with_entropy=self.algorithm.compute_entropy,
         )  # fmt: skip
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = run_schedule(self.chunks, mbs, spec, forward_only=False, device=self.layout.device)
-        out = reduce_reports(reports, mode, reduction=reduction, num_microbatches=len(mbs), device=self.layout.device)
+        out = reduce_reports(reports, mode, device=self.layout.device)
         # this replica's model input: real tokens (prompts included) and the padded [R, S] total
         out["input_tokens"] = float(sum(mb.real_tokens for mb in mbs))
         out["padded_tokens"] = float(sum(mb.num_tokens for mb in mbs))

@@ -1,14 +1,12 @@
 """Megatron's step contract: ``forward_step -> (output, partial(loss_fn, ...))`` run by
 ``get_forward_backward_func()`` over micro-batches, and the reduction of what the loss reports.
 
-Loss normalisation (``LOSS_REDUCTION`` in ``megatron_ghpo.algo.losses``):
-
-* ``mean`` losses (bnpo, grpo, dr_grpo) are normalised inside each micro-batch; Megatron's schedule
-  divides each by the number of micro-batches and the DDP gradient reduction averages over DP
-  ranks, giving the mean over micro-batches and ranks;
-* ``sum`` losses (dapo, and SFT's global token mean) are already divided by a global count; the
-  loss handed to Megatron is multiplied by ``num_microbatches × dp`` so the two divisions cancel
-  and the gradient is that of the sum over micro-batches and ranks.
+Loss normalisation (``megatron_ghpo.algo.losses``): every micro-batch returns its part of the step
+loss, ``sum_i w_i sum_t l_it m_it`` with per-sequence weights fixed from counts over the whole step
+(``MicroBatch.loss_weights``), for every ``loss_type`` and for SFT alike. The loss handed to Megatron
+is multiplied by ``num_microbatches × dp`` so the schedule's division by the number of micro-batches
+and the DDP gradient averaging over DP ranks cancel: the gradient is that of the sum over
+micro-batches and ranks, whatever the micro-batch layout.
 
 Only the last pipeline stage computes losses; its reports are summed over data-parallel ranks and
 broadcast to the other stages, so every rank returns the same metrics.
@@ -47,9 +45,7 @@ class LossSpec:
     vocab_size: int
     """The tokenizer's vocabulary; padded ids beyond it get probability 0."""
     loss_scale: float = 1.0
-    """``num_microbatches × dp`` for ``sum`` reductions (see module docstring), else 1."""
-    global_tokens: float = 1.0
-    """Masked completion tokens of the global batch (``dapo`` and SFT normaliser)."""
+    """``num_microbatches × dp`` when training (see the module docstring)."""
     with_entropy: bool = False
 
 
@@ -75,7 +71,7 @@ def completion_logprobs(
 
 def loss_fn(spec: LossSpec, mb: MicroBatch, output: torch.Tensor):
     """Megatron loss function: ``(loss_for_backward, report)``; report values are detached sums."""
-    from megatron_ghpo.algo.losses import aggregate_loss, per_token_policy_loss
+    from megatron_ghpo.algo.losses import per_token_policy_loss, weighted_loss
 
     logprobs, entropy = completion_logprobs(
         output, mb, temperature=spec.temperature, vocab_size=spec.vocab_size, with_entropy=spec.with_entropy
@@ -86,23 +82,21 @@ def loss_fn(spec: LossSpec, mb: MicroBatch, output: torch.Tensor):
             report["entropy"] = entropy
         return output.new_zeros(()), report
     mask = mb.loss_mask
+    if mb.loss_weights is None:
+        raise ValueError("a training micro-batch needs loss_weights (make_micro_batches(..., loss_weights=...))")
     tokens = mask.sum()
     report: dict[str, torch.Tensor] = {"tokens": tokens, "sequences": torch.tensor(float(mb.num_sequences))}
     report["entropy_sum"] = (entropy * mask).sum() if entropy is not None else torch.zeros(())
     if spec.mode == "sft":
-        nll = -(logprobs * mask).sum()
-        loss = nll / max(spec.global_tokens, 1.0)
-        report["nll_sum"] = nll.detach()
+        loss = weighted_loss(-logprobs, mask, mb.loss_weights)
+        report["nll_sum"] = -(logprobs.detach() * mask).sum()
     else:
         a = spec.algorithm
         per_token, metrics = per_token_policy_loss(
             logprobs, mb.old_logprobs, mb.advantages, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
             beta=a.beta, ref_logprobs=mb.ref_logprobs,
         )  # fmt: skip
-        loss = aggregate_loss(
-            per_token, mask, loss_type=a.loss_type, max_completion_length=a.max_completion_length,
-            global_tokens=spec.global_tokens,
-        )  # fmt: skip
+        loss = weighted_loss(per_token, mask, mb.loss_weights)
         for key in ("clipped", "clipped_low", "clipped_high", "ratio", "kl"):
             report[f"{key}_sum"] = (metrics[key] * mask).sum() if key in metrics else torch.zeros(())
         if mb.rollout_logprobs is not None:  # train/inference mismatch on the very tokens trained
@@ -150,26 +144,16 @@ def run_schedule(
     return list(store or [])
 
 
-def reduce_reports(
-    reports: list[dict[str, torch.Tensor]], mode: Mode, *, reduction: str, num_microbatches: int, device: torch.device
-) -> dict[str, float]:
-    """Sum reports over micro-batches and DP ranks; broadcast from the last PP stage to all ranks.
-
-    ``loss`` becomes the step loss: mean over micro-batches then DP ranks for ``mean`` reductions,
-    the sum over both for ``sum`` reductions.
-    """
+def reduce_reports(reports: list[dict[str, torch.Tensor]], mode: Mode, *, device: torch.device) -> dict[str, float]:
+    """Sum reports over micro-batches and DP ranks (``loss`` becomes the step loss); broadcast from
+    the last PP stage to all ranks."""
     from megatron.core import parallel_state
 
     keys = REPORT_KEYS[mode]
     vec = torch.zeros(len(keys), dtype=torch.float64, device=device)
     for r in reports:
         vec += torch.stack([r[k].double() for k in keys]).to(device)
-    if reports and reduction == "mean":
-        vec[keys.index("loss")] /= num_microbatches
-    dp_group = parallel_state.get_data_parallel_group()
-    torch.distributed.all_reduce(vec, group=dp_group)
-    if reduction == "mean":
-        vec[keys.index("loss")] /= torch.distributed.get_world_size(dp_group)
+    torch.distributed.all_reduce(vec, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(
             vec,

@@ -203,8 +203,7 @@ class Components:
             batch_std = std_from_moments(moments)
         adv = group_advantages(rewards, self.cfg.algorithm.scale_rewards, batch_std=batch_std)
         batch = build_train_batch(groups, adv, eos_token_id=self.tokenizer.eos_token_id,
-                                  mask_truncated_completions=self.cfg.algorithm.mask_truncated_completions,
-                                  reduce_sum=self._sum_over_leaders)
+                                  mask_truncated_completions=self.cfg.algorithm.mask_truncated_completions)
         if not self.cfg.algorithm.use_rollout_logprobs:  # the reference's ratio = 1 (old = current, detached)
             batch.samples = [replace(s, rollout_logprobs=s.old_logprobs, old_logprobs=None) for s in batch.samples]
         lengths = [len(s.completion_ids) for s in batch.samples]
@@ -215,15 +214,6 @@ class Components:
                        "rollout/completion_len": sum(lengths) / max(1, len(lengths)),
                        "rollout/truncated_frac": sum(c.truncated for g in groups for c in g.completions)
                        / max(1, len(lengths))}
-
-    def _sum_over_leaders(self, x: int) -> int:
-        if self.groups.leaders_group is None:
-            return x
-        import torch.distributed as dist
-
-        t = torch.tensor([x], dtype=torch.int64)
-        dist.all_reduce(t, group=self.groups.leaders_group)
-        return int(t.item())
 
     def engine_sleep(self) -> None:
         if self.engine is not None and self.cfg.rollout.vllm_enable_sleep_mode:

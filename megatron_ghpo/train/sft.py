@@ -52,8 +52,7 @@ def sft_batch(problems, renderer, tokenizer, *, step: int, seed: int, hint_fract
         ids = ids + [tokenizer.eos_token_id]
         samples.append(TrainSample(prompt_ids=list(prompt.token_ids), completion_ids=ids, advantage=1.0,
                                    completion_mask=[1] * len(ids)))
-    n_tokens = sum(len(s.completion_ids) for s in samples)
-    return TrainBatch(samples=samples, global_completion_tokens=n_tokens, global_num_sequences=len(samples))
+    return TrainBatch(samples=samples)
 
 
 def run_sft(cfg: Config, *, resume: str | None) -> None:

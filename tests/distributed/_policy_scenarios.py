@@ -28,14 +28,17 @@ OPT = OptimizerOptions(lr=1e-2, adam_eps=1e-2, clip_grad=1.0, use_distributed_op
 
 
 def make(
-    cfg, tp=1, pp=1, vpp=None, *, init=None, loss_type="bnpo", random_init=False, bf16=False, recompute=False, opt=None
+    cfg, tp=1, pp=1, vpp=None, *, init=None, loss_type="bnpo", random_init=False, bf16=False, recompute=False, opt=None,
+    unit=2,
 ) -> MegatronPolicy:
+    # bnpo units of 2 sequences: a whole batch on every replica and half of it per replica (DP=2) then
+    # have the same units, so their step losses agree.
     return MegatronPolicy(
         cfg,
         parallel=ParallelOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=vpp, seed=1234, timeout_s=120),
         optimizer=opt or OPT,
-        algorithm=AlgorithmOptions(loss_type=loss_type, beta=BETA),
+        algorithm=AlgorithmOptions(loss_type=loss_type, beta=BETA, loss_unit_size=unit),
         batching=BatchingOptions(micro_batch_size=2),
         init_checkpoint=init,
         random_init=random_init,
@@ -155,12 +158,12 @@ def scenario_world2(out: Path, results: dict) -> None:
     results["resume/grad_norm"] = abs(resumed["train/grad_norm"] - continued["train/grad_norm"])
     results["resume/weights"] = C.all_max(max((t - after[n]).abs().max().item() for n, _p, t in C.global_items(pol, "param")))
     results["resume/iteration"] = float(pol.iteration)
-    shared_check("tp2", pol, results)
+    layout_check("tp2", pol, results)
     pol.close(destroy_process_group=False)
 
     pol = make(cfg, pp=2, init=init)
     compare("pp2", ref, pol, run(pol, samples), results, weights_ref=w_ref, grads_ref=g_ref)
-    shared_check("pp2", pol, results)
+    layout_check("pp2", pol, results)
     pol.close(destroy_process_group=False)
 
     for name, tp, pp in (("ckpt_tp2_to_tp1", 1, 1), ("ckpt_tp2_to_pp2", 1, 2)):
@@ -272,25 +275,68 @@ def packed_check(pol, share, ref, ref_grads, results) -> None:
     pol.batching = padded
 
 
-def shared_check(name: str, pol, results) -> None:
-    """Shared-prompt rows (each prompt read once, its completions attending to it, RoPE at their own
-    positions) give the padded layout's log-probs, loss, reference log-probs and gradients, with the
-    same micro-batch composition (one group each)."""
-    samples, before = C.grouped_samples(), pol.batching
-    seen = {}
-    for key, batching in (("padded", GROUP_PADDED), ("shared", GROUP_SHARED)):
-        pol.batching = batching
-        lp = pol.compute_logprobs(C.batch(samples))
-        report = pol.forward_backward(samples)
-        grads = {n: t.detach().clone().float() for n, _p, t in C.global_items(pol, "grad")}
-        seen[key] = (lp, report, grads)
-    pol.batching = before
-    (lp_a, rep_a, g_a), (lp_b, rep_b, g_b) = seen["padded"], seen["shared"]
-    results[f"{name}_shared/logprobs"] = C.list_diff(lp_a, lp_b)
-    results[f"{name}_shared/loss"] = abs(rep_a["loss"] - rep_b["loss"])
-    results[f"{name}_shared/grads"] = C.all_max(max((g_a[n] - g_b[n]).abs().max().item() for n in g_a))
-    results[f"{name}_shared/input_tokens"] = rep_b["input_tokens"]
-    results[f"{name}_shared/input_tokens_padded"] = rep_a["input_tokens"]
+LAYOUTS = {  # the same 3 groups of 4 completions, laid out in micro-batches five ways
+    "in_order": GROUP_PADDED,  # one group per micro-batch: the reference's layout
+    "in_order_mb3": BatchingOptions(micro_batch_size=3),  # micro-batches straddle groups
+    "by_length": BatchingOptions(micro_batch_size=3, group_by_length=True),
+    "packed": PACKED,
+    "shared": GROUP_SHARED,
+}
+
+
+def _direct_loss(pol, samples, loss_type: str, max_len: int) -> float:
+    """The reference's step loss computed directly from full-batch log-probs: the loss of each group of
+    4 (its micro-batch) normalised as the reference does, averaged over the groups (bnpo, grpo,
+    dr_grpo), or the token mean of the batch (dapo)."""
+    from megatron_ghpo.algo.losses import per_token_policy_loss
+
+    lp = pol.compute_logprobs(C.batch(samples))
+    ref = pol.compute_logprobs(C.batch(samples), reference=True)
+    per_seq, tokens = [], []
+    for s, a, r in zip(samples, lp, ref):
+        l, _ = per_token_policy_loss(torch.tensor([a], dtype=torch.float64), torch.tensor([s.old_logprobs], dtype=torch.float64),
+                                     torch.tensor([s.advantage], dtype=torch.float64), beta=BETA,
+                                     ref_logprobs=torch.tensor([r], dtype=torch.float64))  # fmt: skip
+        m = torch.tensor(s.completion_mask, dtype=torch.float64)
+        per_seq.append(float((l[0] * m).sum()))
+        tokens.append(float(m.sum()))
+    groups = [range(g, g + 4) for g in range(0, len(samples), 4)]
+    if loss_type == "bnpo":
+        return sum(sum(per_seq[i] for i in g) / sum(tokens[i] for i in g) for g in groups) / len(groups)
+    if loss_type == "grpo":
+        return sum(x / n for x, n in zip(per_seq, tokens)) / len(samples)
+    if loss_type == "dr_grpo":
+        return sum(per_seq) / (len(samples) * max_len)
+    return sum(per_seq) / sum(tokens)
+
+
+def layout_check(name: str, pol, results) -> None:
+    """Every loss type gives the same step loss and gradients in every micro-batch layout (in order,
+    straddling groups, length-grouped, packed, shared-prompt rows), equal to the reference's loss
+    computed directly (bnpo: the token mean of each group, averaged over groups); shared-prompt rows
+    read each prompt once per group."""
+    samples = C.grouped_samples()
+    samples = C.with_old_logprobs(samples, pol.compute_logprobs(C.batch(samples)))
+    before_batching, before_algo = pol.batching, pol.algorithm
+    max_len = max(len(s.completion_ids) for s in samples)
+    for loss_type in ("bnpo", "grpo", "dr_grpo", "dapo"):
+        pol.algorithm = AlgorithmOptions(loss_type=loss_type, beta=BETA, loss_unit_size=4, max_completion_length=max_len)
+        seen = {}
+        for key, batching in LAYOUTS.items():
+            pol.batching = batching
+            report = pol.forward_backward(samples)
+            seen[key] = (report, {n: t.detach().clone().float() for n, _p, t in C.global_items(pol, "grad")})
+        rep_a, g_a = seen["in_order"]
+        direct = _direct_loss(pol, samples, loss_type, max_len)
+        results[f"{name}_layouts/{loss_type}/direct"] = abs(rep_a["loss"] - direct)
+        results[f"{name}_layouts/{loss_type}/scale_loss"] = abs(direct)
+        results[f"{name}_layouts/{loss_type}/scale_grads"] = C.all_max(max(g.abs().max().item() for g in g_a.values()))
+        for key, (rep_b, g_b) in seen.items():
+            results[f"{name}_layouts/{loss_type}/{key}/loss"] = abs(rep_a["loss"] - rep_b["loss"])
+            results[f"{name}_layouts/{loss_type}/{key}/grads"] = C.all_max(max((g_a[n] - g_b[n]).abs().max().item() for n in g_a))
+        results[f"{name}_layouts/input_tokens_shared"] = seen["shared"][0]["input_tokens"]
+        results[f"{name}_layouts/input_tokens_padded"] = rep_a["input_tokens"]
+    pol.batching, pol.algorithm = before_batching, before_algo
 
 
 def _share_index(pol, share) -> list[int]:
@@ -341,6 +387,7 @@ def scenario_world4(out: Path, results: dict) -> None:
     ref, g_ref, w_ref = reference(cfg, init, samples, results)
     pol = make(cfg, tp=2, pp=2, init=init)
     compare("tp2pp2", ref, pol, run(pol, samples), results, weights_ref=w_ref, grads_ref=g_ref)
+    layout_check("tp2pp2", pol, results)
     pol.close(destroy_process_group=False)
 
 

@@ -50,6 +50,26 @@ def _check_parity(results: dict[str, float], layouts: list[str], scale: str = "s
     assert not failures, "parity vs TP=1 x PP=1 broken:\n" + "\n".join(failures)
 
 
+def _check_layouts(r: dict[str, float], parallel: tuple[str, ...]) -> None:
+    """Loss normalisation does not depend on the micro-batch layout: in order (one group per micro-batch,
+    the reference's layout), straddling groups, length-grouped, packed and shared-prompt rows give the
+    same step loss and gradients for every loss type, and bnpo/grpo/dr_grpo/dapo equal the reference's
+    loss computed directly."""
+    failures = []
+    for name in parallel:
+        for loss_type in ("bnpo", "grpo", "dr_grpo", "dapo"):
+            pre = f"{name}_layouts/{loss_type}"
+            if not r[f"{pre}/direct"] <= RTOL["loss"] * r[f"{pre}/scale_loss"]:
+                failures.append(f"{pre}: loss {r[f'{pre}/direct']:.3e} away from the reference's definition")
+            for layout in ("in_order_mb3", "by_length", "packed", "shared"):
+                for quantity in ("loss", "grads"):
+                    key = f"{pre}/{layout}/{quantity}"
+                    if not r[key] <= RTOL[quantity] * r[f"{pre}/scale_{quantity}"]:
+                        failures.append(f"{key}: max |diff| vs in-order = {r[key]:.3e}")
+        assert r[f"{name}_layouts/input_tokens_shared"] < r[f"{name}_layouts/input_tokens_padded"], r
+    assert not failures, "loss normalisation depends on the micro-batch layout:\n" + "\n".join(failures)
+
+
 def test_tp2_pp2_dp2_vpp_checkpoint_nan_packing(tmp_path: Path) -> None:
     r = _run("world2", 2, tmp_path, timeout_s=300)
     print(json.dumps(r, indent=1, sort_keys=True))
@@ -78,12 +98,7 @@ def test_tp2_pp2_dp2_vpp_checkpoint_nan_packing(tmp_path: Path) -> None:
     # Resume at the saved layout (model + optimizer + schedule) continues exactly.
     assert r["resume/loss"] == 0.0 and r["resume/grad_norm"] == 0.0 and r["resume/weights"] == 0.0, r
     assert r["resume/iteration"] == 2.0, r
-    # Shared-prompt rows at TP=2 and PP=2 equal the padded layout; the prompts are read once per group.
-    for layout in ("tp2_shared", "pp2_shared"):
-        for quantity in ("logprobs", "loss", "grads"):
-            bound = RTOL[quantity] * r[f"scale/{quantity}"]
-            assert r[f"{layout}/{quantity}"] <= bound, f"{layout}/{quantity}: {r[f'{layout}/{quantity}']:.3e} > {bound:.3e}"
-        assert r[f"{layout}/input_tokens"] < r[f"{layout}/input_tokens_padded"], r
+    _check_layouts(r, ("tp2", "pp2"))
     assert r["schedule/max_lr_diff"] < 1e-12, f"warm-up + cosine schedule off by {r['schedule/max_lr_diff']:.3e}"
     # SFT: a global token mean, whatever the DP split; equal to the mean NLL computed directly.
     assert r["sft/loss"] <= 1e-6 * r["sft/scale_loss"] and r["sft/loss_vs_direct"] <= 1e-5 * r["sft/scale_loss"], r
@@ -100,3 +115,4 @@ def test_tp2_x_pp2(tmp_path: Path) -> None:
     r = _run("world4", 4, tmp_path, timeout_s=300)
     print(json.dumps(r, indent=1, sort_keys=True))
     _check_parity(r, ["tp2pp2"])
+    _check_layouts(r, ("tp2pp2",))

@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from megatron_ghpo.algo import (
-    LOSS_REDUCTION,
     LOSS_TYPES,
-    aggregate_loss,
+    StepCounts,
     completion_mask,
     k3_kl,
     masked_mean,
     per_token_policy_loss,
+    sequence_loss_weights,
+    step_counts,
+    weighted_loss,
 )
 
 pytestmark = pytest.mark.unit
@@ -74,43 +76,64 @@ def test_beta_requires_ref_logprobs():
         _loss(beta=0.1)
 
 
-def test_aggregations_hand_values():
-    # sum(l*m) = -2 - 2.4 + 1 + 1.1 + 0.8 = -1.5 over 5 tokens
-    assert aggregate_loss(LOSS, MASK, loss_type="bnpo").item() == pytest.approx(-0.3)
-    # per-sequence means: -4.4/2 = -2.2 and 2.9/3 ; mean of the two
-    assert aggregate_loss(LOSS, MASK, loss_type="grpo").item() == pytest.approx((-2.2 + 2.9 / 3) / 2)
-    assert aggregate_loss(LOSS, MASK, loss_type="dr_grpo", max_completion_length=4).item() == pytest.approx(
-        -1.5 / 8
-    )
-    assert aggregate_loss(LOSS, MASK, loss_type="dapo", global_tokens=10).item() == pytest.approx(-0.15)
-    assert set(LOSS_REDUCTION) == set(LOSS_TYPES)
-    assert LOSS_REDUCTION["dapo"] == "sum" and LOSS_REDUCTION["bnpo"] == "mean"
+def _step_loss(loss, mask, loss_type, *, unit_size=None, max_completion_length=None, parts=((0, 2),)):
+    """The step loss of LOSS/MASK as the sum of its micro-batch parts (row ranges ``parts``)."""
+    counts = mask.sum(-1).tolist()
+    w = sequence_loss_weights(counts, loss_type=loss_type, totals=step_counts(counts, unit_size=unit_size),
+                              unit_size=unit_size, max_completion_length=max_completion_length)
+    return sum(weighted_loss(loss[a:b], mask[a:b], w[a:b]) for a, b in parts)
 
 
-def test_dapo_sum_over_micro_batches_is_global_token_mean():
-    """Two micro-batches combined per LOSS_REDUCTION equal the token mean of the whole batch."""
-    a, b = LOSS[:1], LOSS[1:]
-    ma, mb = MASK[:1], MASK[1:]
-    total = aggregate_loss(a, ma, loss_type="dapo", global_tokens=5) + aggregate_loss(
-        b, mb, loss_type="dapo", global_tokens=5
-    )
-    assert total.item() == pytest.approx(aggregate_loss(LOSS, MASK, loss_type="bnpo").item())
-    # bnpo with "mean" over the two micro-batches: mean(-4.4/2, 2.9/3)
-    mean = (aggregate_loss(a, ma, loss_type="bnpo") + aggregate_loss(b, mb, loss_type="bnpo")) / 2
-    assert mean.item() == pytest.approx((-2.2 + 2.9 / 3) / 2)
+def test_normalisations_hand_values():
+    # sum(l*m) = -2 - 2.4 + 1 + 1.1 + 0.8 = -1.5 over 5 tokens; per-sequence sums -4.4 (2 tokens), 2.9 (3)
+    assert _step_loss(LOSS, MASK, "bnpo").item() == pytest.approx(-0.3)  # one unit: the token mean
+    # units of one sequence each: the mean of the sequences' token means (the reference with one
+    # sequence per micro-batch)
+    assert _step_loss(LOSS, MASK, "bnpo", unit_size=1).item() == pytest.approx((-2.2 + 2.9 / 3) / 2)
+    assert _step_loss(LOSS, MASK, "grpo").item() == pytest.approx((-2.2 + 2.9 / 3) / 2)
+    assert _step_loss(LOSS, MASK, "dr_grpo", max_completion_length=4).item() == pytest.approx(-1.5 / 8)
+    assert _step_loss(LOSS, MASK, "dapo").item() == pytest.approx(-0.3)
+    assert set(LOSS_TYPES) == {"bnpo", "grpo", "dr_grpo", "dapo"}
 
 
-def test_aggregation_errors():
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_step_loss_does_not_depend_on_the_micro_batch_split(loss_type):
+    """One micro-batch of both rows, or one per row: the same step loss (weights fixed over the step)."""
+    kw = {"unit_size": 1, "max_completion_length": 4}
+    whole = _step_loss(LOSS, MASK, loss_type, **kw)
+    split = _step_loss(LOSS, MASK, loss_type, parts=((0, 1), (1, 2)), **kw)
+    assert whole.item() == pytest.approx(split.item())
+
+
+def test_bnpo_units_are_consecutive_runs_and_count_empty_units():
+    # 4 sequences, units of 2: unit 0 = rows 0-1 (3 tokens), unit 1 = rows 2-3 (all masked)
+    counts = [1, 2, 0, 0]
+    w = sequence_loss_weights(counts, loss_type="bnpo", totals=step_counts(counts, unit_size=2), unit_size=2)
+    torch.testing.assert_close(w, torch.tensor([1 / 6, 1 / 6, 1.0 / 2, 1.0 / 2], dtype=torch.float64))
+    assert step_counts(counts, unit_size=3) == StepCounts(tokens=3.0, sequences=4.0, units=2.0)
+    # counts summed over two data-parallel ranks: this rank's unit is one of four
+    w = sequence_loss_weights([2, 2], loss_type="bnpo", totals=StepCounts(tokens=9, sequences=8, units=4), unit_size=2)
+    torch.testing.assert_close(w, torch.full((2,), 1 / 16, dtype=torch.float64))
+
+
+def test_normalisation_errors():
+    one = step_counts([2, 3], unit_size=None)
     with pytest.raises(ValueError, match="max_completion_length"):
-        aggregate_loss(LOSS, MASK, loss_type="dr_grpo")
-    with pytest.raises(ValueError, match="global_tokens"):
-        aggregate_loss(LOSS, MASK, loss_type="dapo")
+        sequence_loss_weights([2, 3], loss_type="dr_grpo", totals=one)
     with pytest.raises(ValueError, match="smaller than"):
-        aggregate_loss(LOSS, MASK, loss_type="dapo", global_tokens=3)
+        sequence_loss_weights([2, 3], loss_type="dapo", totals=StepCounts(tokens=3, sequences=2, units=1))
+    with pytest.raises(ValueError, match="smaller than"):
+        sequence_loss_weights([2, 3], loss_type="grpo", totals=StepCounts(tokens=5, sequences=1, units=1))
+    with pytest.raises(ValueError, match="smaller than"):
+        sequence_loss_weights([2, 3], loss_type="bnpo", totals=one, unit_size=1)
     with pytest.raises(ValueError, match="loss_type"):
-        aggregate_loss(LOSS, MASK, loss_type="sum")
+        sequence_loss_weights([2, 3], loss_type="sum", totals=one)
+    with pytest.raises(ValueError, match="unit_size"):
+        step_counts([2, 3], unit_size=0)
     with pytest.raises(ValueError, match="shape"):
-        aggregate_loss(LOSS, MASK[:, :2], loss_type="bnpo")
+        weighted_loss(LOSS, MASK[:, :2], torch.ones(2))
+    with pytest.raises(ValueError, match="weights"):
+        weighted_loss(LOSS, MASK, torch.ones(3))
 
 
 def test_gradient_of_on_policy_surrogate_is_minus_advantage():
@@ -118,7 +141,9 @@ def test_gradient_of_on_policy_surrogate_is_minus_advantage():
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.2, -0.1]], dtype=torch.float64, requires_grad=True)
     loss, _ = per_token_policy_loss(logp, None, ADV)
     torch.testing.assert_close(loss.detach(), -ADV.unsqueeze(1).expand(2, 3))
-    aggregate_loss(loss, MASK, loss_type="bnpo").backward()
+    counts = MASK.sum(-1).tolist()
+    w = sequence_loss_weights(counts, loss_type="bnpo", totals=step_counts(counts, unit_size=None))
+    weighted_loss(loss, MASK, w).backward()
     expected = -ADV.unsqueeze(1) * MASK / 5
     torch.testing.assert_close(logp.grad, expected)
 

@@ -266,17 +266,13 @@ def full_text(user_text: str) -> str:
     return f"<sys>S</sys><user>{user_text}</user><assistant>"
 
 
-def test_build_train_batch_masks_advantages_and_global_counts():
+def test_build_train_batch_masks_advantages_group_by_group():
     res, _, _ = run(GHPOOptions(), uids="AB")
     rewards = group_rewards(res.groups)
     assert rewards.shape == (2, G)
     adv = torch.arange(8, dtype=torch.float32).view(2, G)
-    reduced = []
-    batch = build_train_batch(
-        res.groups, adv, eos_token_id=0, reduce_sum=lambda x: reduced.append(x) or 2 * x
-    )
-    assert len(batch) == 8 and reduced == [24, 8]  # 8 completions × 3 masked tokens each, 8 sequences
-    assert batch.global_completion_tokens == 48 and batch.global_num_sequences == 16
+    batch = build_train_batch(res.groups, adv, eos_token_id=0)
+    assert len(batch) == 8 and [s.group_index for s in batch.samples] == [0] * G + [1] * G  # consecutive groups
     s = batch.samples[5]
     assert (s.group_index, s.advantage, s.completion_ids, s.completion_mask) == (
         1,

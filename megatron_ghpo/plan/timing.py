@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_ghpo.policy.hf_arch import HFArch
 from megatron_ghpo.plan.shapes import active_params, total_params
+from megatron_ghpo.policy.hf_arch import HFArch
 
 
 @dataclass(frozen=True, kw_only=True)

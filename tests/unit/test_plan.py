@@ -9,7 +9,15 @@ import pytest
 from megatron_ghpo.plan.activations import ActivationOptions, MicroBatchShape, step_peak
 from megatron_ghpo.plan.buffers import build_buffers, static_bytes
 from megatron_ghpo.plan.cli import add_plan_parser, make_plans, rank_plans, run_plan
-from megatron_ghpo.plan.shapes import ParamSpec, RankLayout, active_params, load_model_config, preset_names, rank_params, total_params
+from megatron_ghpo.plan.shapes import (
+    ParamSpec,
+    RankLayout,
+    active_params,
+    load_model_config,
+    preset_names,
+    rank_params,
+    total_params,
+)
 from megatron_ghpo.policy.hf_arch import hf_arch
 
 pytestmark = pytest.mark.unit

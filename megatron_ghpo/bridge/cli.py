@@ -2,11 +2,13 @@
 
 ``convert hf-to-megatron --hf-dir IN --out CKPT``
     HF safetensors folder -> Megatron distributed checkpoint (+ HF config/tokenizer in ``CKPT/hf``).
-``convert megatron-to-hf --ckpt CKPT --out OUT [--tp N --pp M]``
+``convert megatron-to-hf --ckpt CKPT --out OUT [--tp N --pp M] [--ep E --etp T]``
     loads CKPT at TP=N x PP=M on N*M local processes and writes OUT through the live export path
     (the same code that feeds the rollout engine). OUT loads with ``from_pretrained`` and vLLM.
-``convert verify --hf-dir D --ckpt C [--tp N --pp M]``
-    loads C at TP x PP and prints ``max_abs_logit_diff=X`` against the HF model on random tokens.
+    Mixture-of-experts models may also be loaded with their experts split over E expert-parallel
+    ranks, each expert over T ranks (default T = N); the job then has M x lcm(N, E x T) ranks.
+``convert verify --hf-dir D --ckpt C [--tp N --pp M] [--ep E --etp T]``
+    loads C at that layout and prints ``max_abs_logit_diff=X`` against the HF model on random tokens.
 
 Every command spawns its ranks itself (CPU, gloo) and stops them after ``--timeout`` seconds.
 """
@@ -55,6 +57,21 @@ def _existing_dir(text: str) -> str:
     return text
 
 
+def _layout(args: argparse.Namespace) -> tuple[dict, int]:
+    """The layout arguments of a task, and its number of ranks: ``PP x lcm(TP, EP x ETP)`` (the
+    data-parallel replicas the expert grid needs, when ``EP x ETP`` exceeds TP)."""
+    import math
+
+    etp = args.tp if args.etp is None else args.etp
+    world = args.pp * math.lcm(args.tp, args.ep * etp)
+    return {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": etp}, world
+
+
+def _layout_text(lay: dict) -> str:
+    text = f"TP={lay['tp']} PP={lay['pp']}"
+    return text + (f" EP={lay['ep']} ETP={lay['etp']}" if lay["ep"] > 1 or lay["etp"] != lay["tp"] else "")
+
+
 def _run(task: str, task_args: dict, world_size: int, timeout: float) -> bool:
     """Run the ranks; on failure print the reason (with the failing rank's log) and return False."""
     from megatron_ghpo.bridge.launch import run_ranks
@@ -75,13 +92,18 @@ def _new_output(path: str) -> str | None:
     return None
 
 
-def _check_checkpoint(ckpt: str, hf_config: str | None) -> str | None:
-    """An error message when ``ckpt`` is not a readable checkpoint with a matching HF config."""
+def _check_checkpoint(ckpt: str, hf_config: str | None, args: argparse.Namespace) -> str | None:
+    """An error message when ``ckpt`` is not a readable checkpoint with a matching HF config, or when
+    the expert-parallel sizes do not fit its model (checked before any rank starts)."""
     from megatron_ghpo.bridge.checkpoint import checked_hf_config
+    from megatron_ghpo.policy.hf_arch import hf_arch
+    from megatron_ghpo.policy.model import check_expert_sizes
 
     try:
-        checked_hf_config(ckpt, hf_config)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+        config, _ = checked_hf_config(ckpt, hf_config)
+        lay, _world = _layout(args)
+        check_expert_sizes(hf_arch(config).moe, ep=lay["ep"], etp=lay["etp"])
+    except (FileNotFoundError, ValueError, KeyError, NotImplementedError) as exc:
         return f"error: {exc}"
     return None
 
@@ -101,40 +123,49 @@ def cmd_hf_to_megatron(args: argparse.Namespace) -> int:
 
 
 def cmd_megatron_to_hf(args: argparse.Namespace) -> int:
-    if problem := _new_output(args.out) or _check_checkpoint(args.ckpt, args.hf_config):
+    if problem := _new_output(args.out) or _check_checkpoint(args.ckpt, args.hf_config, args):
         print(problem, file=sys.stderr)
         return 1
+    lay, world = _layout(args)
     task_args = {
-        "ckpt": args.ckpt, "out": args.out, "tp": args.tp, "pp": args.pp, "dtype": args.dtype,
+        "ckpt": args.ckpt, "out": args.out, **lay, "dtype": args.dtype,
         "hf_config": args.hf_config, "bucket_bytes": args.bucket_bytes, "max_shard_bytes": args.max_shard_size,
     }  # fmt: skip
     t0 = time.perf_counter()
-    if not _run("megatron_to_hf", task_args, args.tp * args.pp, args.timeout):
+    if not _run("megatron_to_hf", task_args, world, args.timeout):
         return 1
-    print(f"wrote {args.out} (loaded at TP={args.tp} PP={args.pp}) in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.out} (loaded at {_layout_text(lay)}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    if problem := _check_checkpoint(args.ckpt, args.hf_dir):
+    if problem := _check_checkpoint(args.ckpt, args.hf_dir, args):
         print(problem, file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="megatron_ghpo_verify_") as tmp:
         result = Path(tmp) / "result.json"
+        lay, world = _layout(args)
         task_args = {
-            "hf_dir": args.hf_dir, "ckpt": args.ckpt, "tp": args.tp, "pp": args.pp, "batch": args.batch,
+            "hf_dir": args.hf_dir, "ckpt": args.ckpt, **lay, "batch": args.batch,
             "seq_len": args.seq_len, "seed": args.seed, "result": str(result),
         }  # fmt: skip
-        if not _run("verify", task_args, args.tp * args.pp, args.timeout):
+        if not _run("verify", task_args, world, args.timeout):
             return 1
         report = json.loads(result.read_text())
     diff = report["max_abs_logit_diff"]
-    print(f"TP={args.tp} PP={args.pp} batch={args.batch} seq_len={args.seq_len} max_abs_logit={report['max_abs_logit']:.4g}")
+    print(f"{_layout_text(lay)} batch={args.batch} seq_len={args.seq_len} max_abs_logit={report['max_abs_logit']:.4g}")
     print(f"max_abs_logit_diff={diff:.6g}")
     if args.tol is not None and not diff <= args.tol:
         print(f"FAILED: max_abs_logit_diff {diff:.6g} > --tol {args.tol:g}")
         return 1
     return 0
+
+
+def _expert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ep", type=_positive, default=1,
+                        help="expert-parallel size (mixture-of-experts models; must divide num_experts; default 1)")
+    parser.add_argument("--etp", type=_positive, default=None,
+                        help="expert tensor-parallel size (mixture-of-experts models; default: --tp)")  # fmt: skip
 
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -156,6 +187,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     m2h.add_argument("--out", required=True, help="new HF folder (must not exist or be empty)")
     m2h.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size to load at (default 1)")
     m2h.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel size to load at (default 1)")
+    _expert_arguments(m2h)
     m2h.add_argument("--dtype", choices=dtypes, help="output dtype (default: the checkpoint's)")
     m2h.add_argument("--hf-config", type=_existing_dir,
                      help="HF folder with config/tokenizer files (default: CKPT/hf, written by hf-to-megatron)")  # fmt: skip
@@ -169,6 +201,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     ver.add_argument("--ckpt", required=True, type=_existing_dir, help="Megatron checkpoint folder")
     ver.add_argument("--tp", type=_positive, default=1)
     ver.add_argument("--pp", type=_positive, default=1)
+    _expert_arguments(ver)
     ver.add_argument("--batch", type=_positive, default=2)
     ver.add_argument("--seq-len", type=_positive, default=32)
     ver.add_argument("--seed", type=int, default=0)

@@ -4,8 +4,8 @@ Started by :func:`megatron_ghpo.bridge.launch.run_ranks` (or ``torchrun``) with 
 ``RANK``/``WORLD_SIZE``/``MASTER_*`` environment. Tasks:
 
 ``hf_to_megatron``  ``{hf_dir, out, dtype}`` (one rank)
-``megatron_to_hf``  ``{ckpt, out, tp, pp, dtype, hf_config, bucket_bytes, max_shard_bytes}``
-``verify``          ``{hf_dir, ckpt, tp, pp, batch, seq_len, seed, result}``: writes
+``megatron_to_hf``  ``{ckpt, out, tp, pp, ep, etp, dtype, hf_config, bucket_bytes, max_shard_bytes}``
+``verify``          ``{hf_dir, ckpt, tp, pp, ep, etp, batch, seq_len, seed, result}``: writes
                     ``{"max_abs_logit_diff": x, ...}`` to ``result``
 """
 
@@ -24,10 +24,13 @@ logger = get_logger("megatron_ghpo.bridge.worker")
 
 
 
-def _init(tp: int, pp: int) -> None:
+def _init(tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
     from megatron_ghpo.policy.parallel import init_parallel
 
-    init_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, backend="gloo" if not torch.cuda.is_available() else None)
+    init_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp, backend="gloo" if not torch.cuda.is_available() else None,
+    )  # fmt: skip
 
 
 def task_hf_to_megatron(*, hf_dir: str, out: str, dtype: str | None = None) -> None:
@@ -43,6 +46,8 @@ def task_megatron_to_hf(
     out: str,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
     dtype: str | None = None,
     hf_config: str | None = None,
     bucket_bytes: int = 256 * 1024 * 1024,
@@ -54,7 +59,7 @@ def task_megatron_to_hf(
     from megatron_ghpo.bridge.plan import build_plan
 
     config, side = checked_hf_config(ckpt, hf_config)
-    _init(tp, pp)
+    _init(tp, pp, ep, etp)
     chunks = build_and_load(ckpt, config)
     out_dtype = parse_dtype(dtype) or next(chunks[0].parameters()).dtype
     plan = build_plan(chunks, config)
@@ -64,14 +69,28 @@ def task_megatron_to_hf(
         names = write_hf_folder(
             progress(stream, desc="export", total=total), out, side, dtype=out_dtype, max_shard_bytes=max_shard_bytes
         )
-        logger.info("wrote %d tensors to %s (TP=%d PP=%d, %s)", len(names), out, tp, pp, out_dtype)
+        logger.info("wrote %d tensors to %s (TP=%d PP=%d EP=%d, %s)", len(names), out, tp, pp, ep, out_dtype)
+    elif plan_receiver():
+        # The first rank of another data-parallel replica: present only when the expert grid spans
+        # replicas (EP x ETP > TP); it drives the expert broadcasts and drops what it receives.
+        for _ in stream:
+            pass
     else:
         for _ in stream:  # drives the collectives; only rank 0 receives tensors
             raise RuntimeError("a non-destination rank received an exported tensor")
 
 
+def plan_receiver() -> bool:
+    """Whether this rank is the first of its model-parallel group (TP 0, PP 0): it receives with
+    ``destination="first"``."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+
+
 def task_verify(
-    *, hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, batch: int = 2, seq_len: int = 32, seed: int = 0, result: str
+    *, hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, batch: int = 2,
+    seq_len: int = 32, seed: int = 0, result: str,
 ) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -80,7 +99,7 @@ def task_verify(
     from megatron_ghpo.policy.hf_arch import hf_arch
 
     config, _ = checked_hf_config(ckpt, hf_dir)
-    _init(tp, pp)
+    _init(tp, pp, ep, etp)
     vocab = hf_arch(config).vocab_size
     tokens = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
     chunks = build_and_load(ckpt, config, dtype=torch.float32)
@@ -91,7 +110,7 @@ def task_verify(
         with torch.no_grad():
             ref = hf_model(tokens).logits.float()
         diff = (ours - ref).abs().max().item()
-        report = {"max_abs_logit_diff": diff, "max_abs_logit": ref.abs().max().item(), "tp": tp, "pp": pp,
+        report = {"max_abs_logit_diff": diff, "max_abs_logit": ref.abs().max().item(), "tp": tp, "pp": pp, "ep": ep,
                   "batch": batch, "seq_len": seq_len, "seed": seed}  # fmt: skip
         Path(result).write_text(json.dumps(report))
 

@@ -5,7 +5,7 @@ handful of places. Without CUDA each of them raises (the error is named next to 
 :func:`apply_cpu_compat` neutralises them, and only when ``torch.cuda.is_available()`` is False:
 on a GPU machine nothing is touched.
 
-Four kinds of patches, all scoped to Megatron-Core (nothing in ``torch`` itself is replaced):
+Five kinds of patches, all scoped to Megatron-Core (nothing in ``torch`` itself is replaced):
 
 * **Module-level ``torch`` shim.** For each Megatron module listed in :data:`SHIMMED_MODULES`, the
   module's global name ``torch`` is replaced by :class:`CpuTorch`, a proxy that forwards every
@@ -22,6 +22,9 @@ Four kinds of patches, all scoped to Megatron-Core (nothing in ``torch`` itself 
   are wrapped so that, *while they run*, ``Tensor.type()`` reports the CUDA type name and
   ``Tensor.cuda()`` returns the tensor unchanged. Training is single-threaded per rank, so the
   temporary override is not observed by other code.
+* **Replaced functions** (:data:`RNG_FUNCTIONS`, :data:`REPLACED_FUNCTIONS`): a Megatron function
+  whose whole job is CUDA-specific gets a CPU version, bound in its module and where it is imported
+  by name.
 * **Names missing without Transformer Engine.** A Megatron module that imports a TE function in a
   ``try`` block and then tests the name for ``None`` without defining it in the ``except`` branch
   gets that name defined as ``None`` (:data:`MISSING_TE_NAMES`), so its plain-PyTorch fallback runs.
@@ -327,6 +330,42 @@ RNG_FUNCTIONS: dict[str, tuple[Callable[..., Any], str]] = {
 
 
 # ---------------------------------------------------------------------------------------------
+# MoE alltoall split sizes on the CPU.
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """CPU stand-in for ``moe_utils.maybe_move_tensor_to_cpu``.
+
+    The original converts only CUDA tensors (``tensor.is_cuda``) to host values (NumPy with
+    ``as_numpy``). On the CPU the alltoall dispatcher's split sizes therefore stay tensors, and
+    ``all_to_all_single`` rejects them (``TypeError: all_to_all_single(): incompatible function
+    arguments``) as soon as EP > 1. Here CPU tensors get the same conversion; ``record_stream`` is
+    a CUDA caching-allocator matter and has nothing to do.
+    """
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+REPLACED_FUNCTIONS: dict[str, tuple[Callable[..., Any], str, tuple[str, ...]]] = {
+    # "module.name" -> (replacement, needle in the original, modules that import it by name)
+    "megatron.core.transformer.moe.moe_utils.maybe_move_tensor_to_cpu": (
+        _cpu_maybe_move_tensor_to_cpu,
+        "if torch.is_tensor(tensor) and tensor.is_cuda:",
+        ("megatron.core.transformer.moe.token_dispatcher",),
+    ),
+}
+
+
+def _replace_functions() -> None:
+    for target, (replacement, _needle, binders) in REPLACED_FUNCTIONS.items():
+        module_name, name = target.rsplit(".", 1)
+        for where in (module_name, *binders):
+            setattr(importlib.import_module(where), name, replacement)
+
+
+# ---------------------------------------------------------------------------------------------
 # Distributed-optimizer checkpoints with torch's Adam (no apex / Transformer Engine, as on CPU).
 # ---------------------------------------------------------------------------------------------
 
@@ -405,6 +444,7 @@ def apply_cpu_compat() -> bool:
     for wrapped in WRAPPED_FUNCTIONS:
         _wrap(wrapped)
     define_missing_te_names()
+    _replace_functions()
     apply_torch_adam_checkpoint_fix()
     _APPLIED = True
     logger.debug("Megatron-Core CPU compatibility patches applied (%d modules)", len(SHIMMED_MODULES))
@@ -460,6 +500,11 @@ def stale_patches() -> list[str]:
         text = source_of("megatron.core.tensor_parallel.random", name)
         if needle not in text:
             problems.append(f"megatron.core.tensor_parallel.random.{name}: no longer contains {needle!r}")
+    for target, (_replacement, needle, binders) in REPLACED_FUNCTIONS.items():
+        module_name, name = target.rsplit(".", 1)
+        if needle not in source_of(module_name, name):
+            problems.append(f"{target}: no longer contains {needle!r}")
+        problems += [f"{b}: no longer imports {name}" for b in binders if f"{name}" not in source_of(b)]
     text = source_of("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states")
     if ADAM_STEP_NEEDLE not in text:
         problems.append(f"DistributedOptimizer._set_main_param_and_optimizer_states: no longer contains {ADAM_STEP_NEEDLE!r}")

@@ -3,7 +3,9 @@
 One tiny untied GQA Qwen2: HF -> checkpoint (1 rank) -> HF at PP=2 (2 ranks, several safetensors
 shards) whose tensors equal the source bit for bit, which ``from_pretrained`` loads with logits equal
 to the source's, and which vLLM serves with the same greedy tokens; ``verify`` at TP=2 (2 ranks);
-bad input fails fast with a message and leaves existing folders untouched.
+bad input fails fast with a message and leaves existing folders untouched. One tiny tied Qwen3-MoE
+(4 experts, top-2): HF -> checkpoint -> HF with the experts split over EP=2 (2 ranks) bit for bit,
+``verify`` at TP=2 x EP=2 (ETP=1), and an expert-parallel size that does not divide the experts refused.
 """
 
 from __future__ import annotations
@@ -95,6 +97,40 @@ def test_bad_input_fails_fast_without_touching_outputs(converted, tmp_path):
     r = _cli("verify", "--hf-dir", str(other), "--ckpt", str(ckpt))
     assert r.returncode == 1 and "vocab_size" in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.fixture(scope="module")
+def converted_moe(tmp_path_factory) -> dict:
+    from megatron_ghpo.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("bridge_cli_moe")
+    hf = Path(build_tiny_model(
+        root / "hf", arch="qwen3_moe", vocab_size=400, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32,
+        intermediate_size=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, seed=3,
+    ))  # fmt: skip
+    ckpt, out = root / "ckpt", root / "out_ep2"
+    r1 = _cli("hf-to-megatron", "--hf-dir", str(hf), "--out", str(ckpt))
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    r2 = _cli("megatron-to-hf", "--ckpt", str(ckpt), "--out", str(out), "--ep", "2")
+    assert r2.returncode == 0 and "EP=2" in r2.stdout, r2.stdout + r2.stderr
+    return {"root": root, "hf": hf, "ckpt": ckpt, "out": out}
+
+
+def test_moe_round_trip_at_ep2_and_verify_at_tp2_ep2(converted_moe, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    hf, ckpt, out = converted_moe["hf"], converted_moe["ckpt"], converted_moe["out"]
+    src, dst = load_file(str(hf / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(src) == sorted(dst) and any(".mlp.experts.3.down_proj." in k for k in dst)
+    bad = [k for k in src if not (src[k].dtype == dst[k].dtype and torch.equal(src[k], dst[k]))]
+    assert not bad, f"differ after the EP=2 round trip: {bad}"
+    r = _cli("verify", "--hf-dir", str(hf), "--ckpt", str(ckpt), "--tp", "2", "--ep", "2", "--etp", "1", "--tol", "1e-4")
+    assert r.returncode == 0 and "TP=2 PP=1 EP=2 ETP=1" in r.stdout, r.stdout + r.stderr
+    print("[verify TP=2 EP=2 ETP=1]", [ln for ln in r.stdout.splitlines() if ln.startswith("max_abs_logit_diff=")])
+    r = _cli("megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "z"), "--ep", "3")
+    assert r.returncode == 1 and "expert_model_parallel_size=3 does not divide num_experts=4" in r.stderr, r.stderr
+    assert not (tmp_path / "z").exists()
 
 
 def test_vllm_serves_the_exported_folder(converted):

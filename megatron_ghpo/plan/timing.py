@@ -11,6 +11,9 @@ Stated assumptions (every number is a flag of ``megatron-ghpo plan``):
   an engine decodes until its longest completion ends (``max completion`` steps, once per wave
   when its KV cache holds only part of its sequences), sequences read KV for their mean length; a compute floor (``2 · active params`` per generated token at ``mfu``)
   applies when that is slower; prefill is compute bound at ``mfu``;
+* tensor parallelism: two all-reduces of the ``[tokens, hidden]`` bf16 activations per layer in
+  the forward, two in the backward (and two more in a full-recompute forward), ring cost
+  ``2·(TP-1)/TP`` of the bytes over NVLink, not overlapped with compute;
 * refit: every engine receives the full bf16 weights each step; the part held by other training
   ranks crosses NVLink when the model-parallel group fits in a node, InfiniBand otherwise;
 * gradient sync: a ring all-reduce (or reduce-scatter + all-gather of parameters with the
@@ -115,6 +118,11 @@ def estimate(
     flops = train_flops(a, w, recompute_full=recompute_full)
     bubble = (pp - 1) / (num_micro_batches + pp - 1) if pp > 1 else 0.0
     train_s = flops / (gpus * peak) / (1.0 - bubble)
+    if tp > 1:
+        replica_tokens = w.tokens / dp
+        all_reduces = (4 + (2 if recompute_full else 0)) * a.num_layers / pp
+        tp_bytes = all_reduces * replica_tokens * a.hidden_size * 2 * 2 * (tp - 1) / tp
+        train_s += tp_bytes / (hw.nvlink_gbps * 1e9)
     # rollout: gpus / rollout_tp engines share the sequences
     engines = gpus // rollout_tp
     seqs = w.sequences / engines

@@ -1,4 +1,4 @@
-"""`megatron-ghpo` command line: train, sft, convert, eval, demo."""
+"""`megatron-ghpo` command line: train, sft, convert, eval, demo, plan."""
 
 from __future__ import annotations
 
@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_ghpo.demo import add_demo_parser
 
     add_demo_parser(sub)
+    from megatron_ghpo.plan.cli import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 

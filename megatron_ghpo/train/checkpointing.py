@@ -3,17 +3,73 @@
 A checkpoint is written into ``checkpoints/.tmp_step_<N>`` and renamed to ``checkpoints/step_<N>``
 only after every rank has finished writing and the ``COMPLETE`` marker exists; ``--resume auto``
 never sees a half-written folder, because it only considers ``step_<N>`` folders with the marker.
+
+One job at a time per output folder: global rank 0 holds an exclusive lock on
+``<output_dir>/.run.lock`` for the life of its process (:func:`lock_output_dir`). A second job on
+the same folder (a ``--resume auto`` while the killed job's ranks still run, two launches with one
+``output_dir``) stops at once with a clear error instead of both writing checkpoints, metrics and
+the Hugging Face export into one folder. The kernel drops the lock when the holder dies, even by
+``kill -9``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
+from typing import IO
+
+from megatron_ghpo.logging_utils import get_logger
+
+logger = get_logger("checkpointing")
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+LOCK_NAME = ".run.lock"
+_held: dict[str, IO] = {}
+"""Lock files held by this process, by resolved output folder (kept open: closing drops the lock)."""
+
+
+class OutputDirInUse(FileExistsError):
+    """Another running job holds the output folder's lock."""
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """Take the output folder's exclusive job lock for the rest of this process (rank 0 calls it).
+
+    Raises :class:`OutputDirInUse` naming the holder when another live process has it. On file
+    systems without ``flock`` the run goes on with a warning (nothing to lock with).
+    """
+    import fcntl
+
+    root = Path(output_dir).resolve()
+    if str(root) in _held:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown process"
+        f.close()
+        raise OutputDirInUse(
+            f"output_dir {str(output_dir)!r} is in use by another running job ({holder}); wait for it to "
+            f"finish or stop it (every one of its ranks), or choose another output_dir"
+        ) from None
+    except OSError as exc:
+        logger.warning("output_dir %s: no file lock on this file system (%s); make sure one job uses it", root, exc)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _held[str(root)] = f
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

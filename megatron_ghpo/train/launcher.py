@@ -2,7 +2,9 @@
 
 Each rank runs ``python -m <module> <args>`` with RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT
 set. When any rank exits non-zero the others are terminated, so one dead rank never leaves the
-rest waiting in a collective forever.
+rest waiting in a collective forever. When the launcher itself dies, even by ``kill -9``, the kernel
+kills its ranks (Linux ``PR_SET_PDEATHSIG``): orphaned ranks would otherwise keep training and
+writing checkpoints into the output folder that a ``--resume auto`` run is starting from.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from megatron_ghpo.logging_utils import get_logger
 
@@ -23,6 +26,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when ``parent_pid`` exits (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def under_launcher() -> bool:
@@ -43,7 +63,8 @@ def spawn_local(module: str, args: list[str], world_size: int, *, timeout_s: flo
         env = {**os.environ, **(extra_env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads)}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env,
+                                      preexec_fn=_die_with_parent(os.getpid())))
     logger.info("launched %d local ranks (port %d, %d thread(s) each)", world_size, port, threads)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -48,6 +49,8 @@ class StageTimer:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None):
         self.cfg = cfg
+        if int(os.environ.get("RANK", "0")) == 0:
+            ck.lock_output_dir(cfg.checkpoint.output_dir)
         self.resume_from = ck.resolve_resume(cfg.checkpoint.output_dir, resume, cfg.checkpoint.overwrite_output_dir)
         self.c: Components = build_components(cfg, resume_step=self._resume_step())
         self.start_step = 0

@@ -68,6 +68,8 @@ def run_sft(cfg: Config, *, resume: str | None) -> None:
         raise NotImplementedError("megatron-ghpo sft --resume: SFT runs are short and restart from the model folder")
     model_dir = check_model_dir(cfg.model.model_name_or_path)
     out = Path(cfg.checkpoint.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ck.lock_output_dir(out)
     ck.resolve_resume(out, None, cfg.checkpoint.overwrite_output_dir)
     problems = load_training_problems(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -96,32 +96,85 @@ def test_ghpo_steps_train_and_sync_into_the_engine(workspace):
     assert changed, "no parameter changed after 3 optimizer steps"
 
 
+def ghpo_yaml_args(ws, out: Path, steps: int, *extra: str) -> list[str]:
+    """`megatron-ghpo train --config examples/tiny-cpu/ghpo.yaml` as a user runs it, with this test's
+    model, data and sizes (a second reward gives the untrained model a learning signal)."""
+    sets = {
+        "model_name_or_path": ws["model"], "dataset_name": ws["data"], "output_dir": out, "max_steps": steps,
+        "save_steps": 3, "num_generations": 4, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+        "max_completion_length": 16, "max_prompt_length": 64, "learning_rate": 1e-3, "vllm_kv_cache_gb": 0.25,
+        "reward_funcs": "[accuracy,'_trainer_rewards:digit_share']", "reward_weights": "[1.0,0.5]",
+    }
+    args = ["train", "--config", str(ROOT / "examples/tiny-cpu/ghpo.yaml")]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args + list(extra)
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace") and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_resume_after_kill_reproduces_the_uninterrupted_run(workspace):
-    # both kinds of GHPO state that outlive a step: the difficulty memory and the retries set aside
-    # for the next step (hint_retry: next_step)
-    state = ("--set", "save_steps=3", "--set", "hint_start=memory", "--set", "hint_retry=next_step")
+    # examples/tiny-cpu/ghpo.yaml keeps both kinds of GHPO state that outlive a step: the difficulty
+    # memory (hint_start: memory) and the retries set aside for the next step (hint_retry: next_step)
     straight = workspace["root"] / "straight"
-    rc, log = run_cli(base_args(workspace, straight, 6, *state))
+    rc, log = run_cli(ghpo_yaml_args(workspace, straight, 6))
     assert rc == 0, log[-5000:]
     resumed = workspace["root"] / "resumed"
-    p = cli(base_args(workspace, resumed, 6, *state))
+    p = cli(ghpo_yaml_args(workspace, resumed, 6))
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not (resumed / "checkpoints" / "step_3" / "COMPLETE").exists():
         assert p.poll() is None, p.stdout.read()[-5000:]
         assert time.monotonic() < deadline, "no checkpoint at step 3 in time"
         time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL)  # every rank and the launcher die at once, as on a node failure
+    # `kill -9 <pid>` from a shell: only the launcher gets the signal; its ranks must not train on as
+    # orphans next to the resumed run (they did, and the two jobs' checkpoint sweeps collided)
+    os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    rc, log = run_cli(base_args(workspace, resumed, 6, *state, "--resume", "auto"))
+    deadline = time.monotonic() + 15
+    while _processes_naming(str(resumed)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _processes_naming(str(resumed))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"ranks {left} outlived their killed launcher"
+    rc, log = run_cli(ghpo_yaml_args(workspace, resumed, 6, "--resume", "auto"))
     assert rc == 0, log[-5000:]
     a = {r["step"]: r for r in read_metrics(straight / "metrics.jsonl")}
     b = {r["step"]: r for r in read_metrics(resumed / "metrics.jsonl")}
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     assert a[4]["ghpo/retried_groups"] > 0, "no retry crossed the checkpoint: the test would not check the carry"
     assert all(a[s]["ghpo/generation_passes"] == 1 for s in a)
+    assert any(a[s]["train/grad_norm"] > 0 for s in (4, 5, 6)), "no learning signal after the checkpoint"
     for step in (4, 5, 6):
-        for key in ("train/loss", "train/reward", "train/grad_norm", "ghpo/retried_groups", "ghpo/memory_started_groups"):
+        for key in ("train/loss", "train/reward", "train/grad_norm", "ghpo/retried_groups", "ghpo/memory_started_groups",
+                    "ghpo/difficult_frac_stage0"):
             assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+    # a second job on a folder whose job is still running stops at once, naming the holder
+    p = cli(ghpo_yaml_args(workspace, resumed, 8, "--resume", "auto"))
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (resumed / ".run.lock").read_text().startswith(f"pid ") or \
+                int((resumed / ".run.lock").read_text().split()[1]) not in _processes_naming(str(resumed)):
+            assert p.poll() is None and time.monotonic() < deadline, "the resumed job did not take the lock"
+            time.sleep(0.2)
+        rc, log = run_cli(ghpo_yaml_args(workspace, resumed, 8, "--resume", "auto"), 300)
+        assert rc != 0 and "is in use by another running job" in log, log[-3000:]
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 def test_bad_inputs_fail_clearly_without_touching_existing_runs(workspace, tmp_path):

@@ -81,3 +81,70 @@ def test_launcher_stops_all_ranks_when_one_fails(tmp_path):
         assert spawn_local("job", [], 2, timeout_s=2, extra_env={"PYTHONPATH": str(tmp_path)}) == 124
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) counts as gone
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_ranks_die_with_a_launcher_killed_by_sigkill(tmp_path):
+    """`kill -9` of the launcher from a shell must not leave its ranks training on as orphans."""
+    import os
+    import signal
+    import subprocess
+
+    (tmp_path / "job.py").write_text(
+        "import os, pathlib, sys, time\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK']).write_text(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from megatron_ghpo.train.launcher import spawn_local; "
+                               "sys.exit(spawn_local('job', [], 2, timeout_s=110))"],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"rank{r}").is_file() and (tmp_path / f"rank{r}").read_text() for r in (0, 1)):
+            assert time.monotonic() < deadline and launcher.poll() is None, "ranks did not start"
+            time.sleep(0.1)
+        pids = [int((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+        assert all(_alive(p) for p in pids)
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "ranks outlived their launcher"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def test_one_job_per_output_dir_and_the_lock_dies_with_its_holder(tmp_path):
+    import subprocess
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from megatron_ghpo.train import checkpointing as ck; "
+                               f"ck.lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ck.OutputDirInUse, match=rf"in use by another running job \(pid {holder.pid} "):
+            ck.lock_output_dir(out)
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
+        holder.wait(timeout=10)
+        ck.lock_output_dir(out)
+        ck.lock_output_dir(out)  # the holder may take it again
+        assert f"pid {__import__('os').getpid()} " in (out / ck.LOCK_NAME).read_text()
+    finally:
+        if holder.poll() is None:
+            holder.kill()

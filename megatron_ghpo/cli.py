@@ -67,7 +67,7 @@ def describe(cfg: Config, world: int) -> str:
 
 
 def help_config() -> str:
-    from megatron_ghpo.config_loader import FIELDS, _HINTS
+    from megatron_ghpo.config_loader import _HINTS, FIELDS
 
     rows = []
     for key, (section, f) in FIELDS.items():

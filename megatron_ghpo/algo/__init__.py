@@ -36,8 +36,8 @@ __all__ = [
     "per_token_policy_loss",
     "reward_moments",
     "sequence_loss_weights",
-    "step_counts",
     "std_from_moments",
+    "step_counts",
     "weighted_loss",
     "zero_variance_groups",
 ]

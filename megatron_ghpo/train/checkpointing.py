@@ -52,7 +52,7 @@ def lock_output_dir(output_dir: str | Path) -> None:
     if str(root) in _held:
         return
     root.mkdir(parents=True, exist_ok=True)
-    f = open(root / LOCK_NAME, "a+")
+    f = open(root / LOCK_NAME, "a+")  # noqa: SIM115 (held open for the life of the process: the lock)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -16,7 +16,12 @@ from megatron_ghpo.logging_utils import get_logger
 from megatron_ghpo.records import Group, TrainBatch
 from megatron_ghpo.rollout.base import SamplingParams
 from megatron_ghpo.train.data_stream import PromptStream
-from megatron_ghpo.train.dist_utils import TrainerGroups, any_across_workers, build_groups, gather_across_workers
+from megatron_ghpo.train.dist_utils import (
+    TrainerGroups,
+    any_across_workers,
+    build_groups,
+    gather_across_workers,
+)
 from megatron_ghpo.train.metrics import MetricsLogger
 
 logger = get_logger("trainer")
@@ -256,8 +261,9 @@ class Components:
 
 def build_components(cfg: Config, *, resume_step: int) -> Components:
     """Collective: every rank calls it. Heavy imports happen here, not at module import."""
-    from megatron_ghpo.rewards import RewardScorer, get_reward_funcs
     from transformers import AutoTokenizer
+
+    from megatron_ghpo.rewards import RewardScorer, get_reward_funcs
 
     model_dir = check_model_dir(cfg.model.model_name_or_path)
     problems = load_training_problems(cfg)

@@ -64,7 +64,7 @@ def spawn_local(module: str, args: list[str], world_size: int, *, timeout_s: flo
                "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads)}
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env,
-                                      preexec_fn=_die_with_parent(os.getpid())))
+                                      preexec_fn=_die_with_parent(os.getpid())))  # noqa: PLW1509 (one prctl call)
     logger.info("launched %d local ranks (port %d, %d thread(s) each)", world_size, port, threads)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
 

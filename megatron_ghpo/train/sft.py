@@ -59,7 +59,12 @@ def run_sft(cfg: Config, *, resume: str | None) -> None:
     from transformers import AutoTokenizer
 
     from megatron_ghpo.data import PromptRenderer
-    from megatron_ghpo.train.components import build_policy, check_model_dir, hf_side_dir, load_training_problems
+    from megatron_ghpo.train.components import (
+        build_policy,
+        check_model_dir,
+        hf_side_dir,
+        load_training_problems,
+    )
     from megatron_ghpo.train.data_stream import PromptStream
     from megatron_ghpo.train.dist_utils import build_groups
     from megatron_ghpo.train.metrics import MetricsLogger

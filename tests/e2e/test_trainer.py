@@ -166,7 +166,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(workspace):
     p = cli(ghpo_yaml_args(workspace, resumed, 8, "--resume", "auto"))
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not (resumed / ".run.lock").read_text().startswith(f"pid ") or \
+        while not (resumed / ".run.lock").read_text().startswith("pid ") or \
                 int((resumed / ".run.lock").read_text().split()[1]) not in _processes_naming(str(resumed)):
             assert p.poll() is None and time.monotonic() < deadline, "the resumed job did not take the lock"
             time.sleep(0.2)

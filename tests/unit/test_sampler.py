@@ -7,7 +7,6 @@ import torch
 
 from megatron_ghpo.ghpo import HINT_TEMPLATE, GHPOOptions, GHPOSampler, build_train_batch, group_rewards
 from megatron_ghpo.rollout.base import SamplingParams
-
 from tests.unit._ghpo_doubles import (
     NAN,
     NEVER,

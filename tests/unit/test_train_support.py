@@ -107,8 +107,8 @@ def test_ranks_die_with_a_launcher_killed_by_sigkill(tmp_path):
         "time.sleep(120)\n"
     )
     launcher = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from megatron_ghpo.train.launcher import spawn_local; "
-                               "sys.exit(spawn_local('job', [], 2, timeout_s=110))"],
+        [sys.executable, "-c", ("import sys; from megatron_ghpo.train.launcher import spawn_local; "
+                                "sys.exit(spawn_local('job', [], 2, timeout_s=110))")],
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
     try:
         deadline = time.monotonic() + 60
@@ -133,8 +133,8 @@ def test_one_job_per_output_dir_and_the_lock_dies_with_its_holder(tmp_path):
 
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from megatron_ghpo.train import checkpointing as ck; "
-                               f"ck.lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(120)"],
+        [sys.executable, "-c", ("import sys, time; from megatron_ghpo.train import checkpointing as ck; "
+                                f"ck.lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

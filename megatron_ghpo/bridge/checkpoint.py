@@ -98,6 +98,7 @@ def build_and_load(
         params_dtype=dtype or checkpoint_dtype(ckpt_dir),
         transformer_impl=transformer_impl,
         vocab_size=meta["vocab_size"],
+        for_training=False,
     )
     load_checkpoint(ckpt_dir, chunks)
     return chunks
@@ -127,7 +128,7 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | 
     hf_dir = Path(hf_dir)
     dtype = dtype or hf_weights_dtype(hf_dir)
     hf_config = load_hf_config(hf_dir)
-    chunks = build_gpt_model(hf_config, params_dtype=dtype, transformer_impl="local")
+    chunks = build_gpt_model(hf_config, params_dtype=dtype, transformer_impl="local", for_training=False)
     load_hf_weights(chunks, hf_dir, hf_config, progress_desc="import")
     with staged_output(out) as tmp:
         save_checkpoint(tmp, chunks, metadata={"vocab_size": unwrap(chunks[0]).vocab_size, "hf_config": hf_config})

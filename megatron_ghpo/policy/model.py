@@ -99,6 +99,7 @@ def transformer_config_from_hf(
     sequence_parallel: bool = False,
     ep: int = 1,
     etp: int | None = None,
+    for_training: bool = True,
 ):
     """A ``TransformerConfig`` reproducing ``hf_config`` at the given TP/PP (and EP/ETP for MoE).
 
@@ -106,6 +107,7 @@ def transformer_config_from_hf(
     layer's activations in backward (full, uniform, one layer per checkpoint). Dropout is 0 (RL and
     SFT fine-tuning of these families train without it). ``ep``: expert-parallel size; ``etp``:
     expert tensor-parallel size (None: equal to ``tp``, Megatron's default); both MoE only.
+    ``for_training=False`` (export, conversion, forward-only use) lifts the MoE x TP training check.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -125,6 +127,8 @@ def transformer_config_from_hf(
     etp = tp if etp is None else etp
     check_parallel_sizes(tp * pp, tp, pp, arch.num_heads, arch.num_kv_heads, arch.num_layers, vpp=vpp)
     check_expert_sizes(arch.moe, ep=ep, etp=etp)
+    if arch.moe is not None and for_training and tp > 1 and not sequence_parallel:
+        check_moe_training_tp(tp, te=impl == "transformer_engine")
     te = impl == "transformer_engine"
     kwargs: dict[str, Any] = {
         "num_layers": arch.num_layers,
@@ -197,6 +201,23 @@ def check_expert_sizes(moe: MoEArch | None, *, ep: int, etp: int) -> None:
             f"expert_model_parallel_size={ep} does not divide num_experts={moe.num_experts}: every expert-parallel "
             "rank holds the same number of experts; use a divisor of num_experts"
         )
+
+
+def check_moe_training_tp(tp: int, *, te: bool) -> None:
+    """Megatron-Core 0.16.1's ``MoELayer.forward`` refuses to train with TP > 1 unless sequence
+    parallelism is on (``ValueError: During training, performance may degrade ...``), and sequence
+    parallelism needs the Transformer Engine layer spec; say so before any rank builds a model."""
+    if te:
+        raise ValueError(
+            f"a mixture-of-experts model trains at tensor_model_parallel_size={tp} only with sequence_parallel: true "
+            "(Megatron-Core's MoELayer requires it); set sequence_parallel: true"
+        )
+    raise NotImplementedError(
+        f"training a mixture-of-experts model at tensor_model_parallel_size={tp} needs sequence_parallel (Megatron-Core "
+        "0.16.1's MoELayer refuses TP > 1 without it), and sequence parallelism needs the Transformer Engine layer spec "
+        "(GPU). On the local (CPU) path train it at tensor_model_parallel_size: 1 and split the experts with "
+        "expert_model_parallel_size; forward-only use (export, conversion, verify) works at any TP"
+    )
 
 
 def moe_kwargs(moe: MoEArch, *, ep: int, etp: int) -> dict[str, Any]:
@@ -280,13 +301,15 @@ def build_gpt_model(
     make_vocab_size_divisible_by: int = 128,
     vocab_size: int | None = None,
     config=None,
+    for_training: bool = True,
 ) -> list:
     """The ``GPTModel`` chunks of this pipeline rank (one, or ``vpp`` with a virtual pipeline).
 
     Needs :func:`megatron_ghpo.policy.parallel.init_parallel` first: TP/PP/VPP and sequence
     parallelism come from that layout. ``vocab_size`` overrides the padded vocabulary (e.g. the size
     a checkpoint was saved with); by default ``padded_vocab_size(hf vocab, make_vocab_size_divisible_by, TP)``.
-    ``config`` passes a ready ``TransformerConfig`` instead of deriving one. Parameters are on this
+    ``config`` passes a ready ``TransformerConfig`` instead of deriving one. ``for_training=False``:
+    the model is only run forward (see :func:`transformer_config_from_hf`). Parameters are on this
     rank's device; weights are randomly initialised (load a checkpoint or HF weights next).
     """
     from megatron.core import parallel_state
@@ -311,6 +334,7 @@ def build_gpt_model(
             sequence_parallel=layout.sequence_parallel,
             ep=layout.ep,
             etp=layout.etp,
+            for_training=for_training,
         )
     padded = vocab_size if vocab_size is not None else padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, layout.tp)
     if padded < arch.vocab_size or padded % layout.tp != 0:

@@ -184,7 +184,8 @@ def task_layouts(args: dict) -> None:
                 del chunks
                 continue
             # Direct HF import into the sharded model (what the policy does at start-up), then export.
-            live = build_gpt_model(m["hf_dir"], params_dtype=stored_dtype(m) or torch.float32, transformer_impl="local")
+            live = build_gpt_model(m["hf_dir"], params_dtype=stored_dtype(m) or torch.float32, transformer_impl="local",
+                                   for_training=False)  # fmt: skip
             load_hf_weights(live, m["hf_dir"])
             compare_export(live, m["hf_dir"], m["hf_dir"], {"model": m["name"], "layout": layout, "live_import": True},
                            bucket_bytes=args["bucket_bytes"], dtype=stored_dtype(m))  # fmt: skip

@@ -101,6 +101,15 @@ def test_expert_sizes_are_checked_against_the_model(cfg, kwargs, match):
         transformer_config_from_hf(cfg, **kwargs)
 
 
+def test_moe_training_at_tp2_without_sequence_parallel_is_refused_on_the_local_path():
+    from megatron_ghpo.policy.model import transformer_config_from_hf
+
+    with pytest.raises(NotImplementedError, match="tensor_model_parallel_size=2 needs sequence_parallel"):
+        transformer_config_from_hf(MOE, tp=2)
+    assert transformer_config_from_hf(MOE, tp=2, for_training=False).expert_tensor_parallel_size == 2
+    assert transformer_config_from_hf(QWEN3, tp=2).num_moe_experts is None  # dense models: no such limit
+
+
 def test_expert_grid_must_divide_a_pipeline_stage():
     from megatron_ghpo.policy.parallel import check_expert_parallel_sizes
 

@@ -1,12 +1,13 @@
 """`megatron-ghpo demo`: the CPU main job, GHPO vs GRPO from one SFT warm-up, end to end.
 
 1. Build a tiny Qwen2-shaped model (RoPE, GQA, SwiGLU) and a byte-level BPE tokenizer locally.
-2. Write the synthetic task (``megatron_ghpo.data.synthetic``, preset ``long_chain``): a running sum
-   where every line adds a two-digit number with at least one carry to the previous result (``+67=590``).
-   One step kind, chains of different lengths: an SFT set of 2-12 steps, an RL set of long chains (9-12
-   steps: with a per-step accuracy p of the warm-up, an unhinted sample solves one with probability about
-   p**n, so most GRPO groups are all wrong) and held-out problems of 3-12 steps. A hint (the first lines
-   of the worked solution) leaves a shorter remaining chain of the same step kind.
+2. Write the synthetic task (``megatron_ghpo.data.synthetic``, preset ``long_chain``): ``523+67*9``,
+   a start value and a two-digit number added to it again and again; the worked solution has one short
+   line per addition (``523+67=590``, ``+67=657``, ...). One step kind, chains of different lengths: an
+   SFT set of 2-12 steps, an RL set of long chains (9-12 steps: with a per-step accuracy p of the
+   warm-up, an unhinted sample solves one with probability about p**n, so most GRPO groups are all
+   wrong) and held-out problems of 3-12 steps. A hint (the first lines of the worked solution) leaves a
+   shorter remaining chain of the same step kind.
 3. SFT warm-up (``megatron-ghpo sft``, TP=2 over 2 gloo processes; half of the prompts hinted, each
    trained to continue after its hint), written as a Hugging Face folder.
 4. From that folder, one GHPO and one GRPO run per seed with the same seed, steps and prompts per
@@ -43,14 +44,14 @@ RL_CHAIN = (9, 12)
 """Chain lengths of the RL training problems (long: few unhinted samples solve them)."""
 HELDOUT_CHAIN = (3, 12)
 """Chain lengths of the held-out problems (a spread, so the evaluation measures the per-step skill)."""
-MAX_NEW_TOKENS = 112
-"""Completion budget of the demo: the longest worked solution (12 steps) is about 105 tokens with EOS."""
+MAX_NEW_TOKENS = 128
+"""Completion budget of the demo: the longest worked solution (12 steps, four-digit values) is 124 tokens with EOS."""
 MAX_PROMPT = 192
 """Prompt budget: a 12-step problem hinted with 75% of its solution is about 150 tokens."""
 
 
 LENGTH_SETS = {"max_prompt_length": MAX_PROMPT, "max_completion_length": MAX_NEW_TOKENS}
-RL_SETS: dict = {}
+RL_SETS: dict = {"learning_rate": 1.0e-4}
 """Settings of the demo's RL runs on top of examples/tiny-cpu/{ghpo,grpo}.yaml (the same for both)."""
 
 
@@ -76,8 +77,8 @@ def _cli(args: list[str], log: Path, timeout_s: float) -> None:
 
 
 def task_difficulties() -> dict[str, "Difficulty"]:
-    """The demo task's three problem sets, all of one step kind (``long_chain``: add a two-digit number
-    with at least one carry to the running value, one short line per step), differing in chain length."""
+    """The demo task's three problem sets, all of one step kind (``long_chain``: add the problem's
+    two-digit number to the running value, one short line per step), differing in chain length."""
     from dataclasses import replace
 
     from megatron_ghpo.data.synthetic import DIFFICULTIES
@@ -302,7 +303,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--seeds", type=int, default=1, help="GHPO/GRPO run pairs (seeds 42, 43, ...)")
     p.add_argument("--rl-steps", type=int, default=40)
-    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--sft-steps", type=int, default=650)
     p.add_argument("--rl-problems", type=int, default=2000)
     p.add_argument("--sft-problems", type=int, default=8000)
     p.add_argument("--heldout", type=int, default=300)

@@ -26,19 +26,19 @@ _BOX = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 def score(solution: str, shown: str, completion: str, answer: str) -> tuple[int, int, bool]:
-    """(leading correct step lines after the hint, step lines left after the hint, final answer right)."""
+    """(leading correct step lines after the hint, step lines (with ``=``) left after the hint, final answer right)."""
     gold = [line for line in solution.split("\n") if not line.startswith("\\boxed")]
     given = len([line for line in shown.split("\n") if line]) if shown else 0
     given = min(given, len(gold))
     remaining = gold[given:]
     lines = completion.strip().split("\n")
-    correct = 0
+    correct = 0  # a gold line without "=" (a start value) is no step: it must match, and counts for the next
     for want, got in zip(remaining, lines):
         if got.strip() != want:
             break
-        correct += 1
+        correct += "=" in want
     boxes = _BOX.findall(completion)
-    return correct, len(remaining), bool(boxes) and boxes[-1].strip() == answer
+    return correct, sum("=" in line for line in remaining), bool(boxes) and boxes[-1].strip() == answer
 
 
 def probe(model: str, rows: list[dict], *, ratios: list[float], samples: int, temperature: float,

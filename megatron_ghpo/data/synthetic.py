@@ -16,7 +16,12 @@ steps, which a model warmed up on easy problems can do; the unhinted model must 
 
 With ``later="carry"`` every step adds a ``first_digits``-digit number with a carry instead, so the task
 is a chain of one moderately hard step kind and a hint shortens the chain left to the model; with
-``line_format="short"`` the lines after the first omit the running value (``+67=590``).
+``line_format="short"`` the lines after the first omit the running value (``+67=590``). With
+``later="repeat"`` the problem is ``523+67*9`` (a ``first_digits + 1``-digit start, then the same
+``first_digits``-digit number added 9 times; its value is the answer) and every line adds that number
+to the previous line's result, so each step needs only the line before it; with short lines the
+solution starts with the start value on a line of its own (``523``, ``+67=590``, ``+67=657``, ...), so
+the first step is written like every other.
 
 Difficulty = (digits of the first step's operands, carries it needs, number of steps, later steps). Problems are
 deterministic in ``seed``; ``split="heldout"`` draws from a fixed set of expressions (selected by a
@@ -39,6 +44,7 @@ SYNTHETIC_ALPHABET = "0123456789+-*=\n\\boxed{}"
 
 SPLITS = ("train", "heldout", "all")
 LINE_FORMATS = ("full", "short")
+LATER_STEPS = ("easy", "carry", "repeat")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,11 +62,13 @@ class Difficulty:
     num_steps: tuple[int, int] = (2, 3)
     """Inclusive range of the number of steps (the first one included)."""
     later: str = "easy"
-    """Steps after the first: ``easy`` (add or subtract one digit, no carry or borrow) or ``carry``
-    (add a ``first_digits``-digit number with at least one carry: every step exercises the hard skill)."""
+    """Steps after the first: ``easy`` (add or subtract one digit, no carry or borrow), ``carry``
+    (add a ``first_digits``-digit number with at least one carry: every step exercises the hard skill) or
+    ``repeat`` (add the first step's second operand again; the problem is written ``a+k*n``)."""
     line_format: str = "full"
     """Solution lines after the first: ``full`` (``523+67=590``) or ``short`` (``+67=590``: the running
-    value is the previous line's result, so a line costs fewer tokens). The first line is always full."""
+    value is the previous line's result, so a line costs fewer tokens). The first line is full, except
+    for ``later="repeat"`` with short lines, whose solution starts with a line holding the start value."""
 
     def __post_init__(self) -> None:
         if self.first_digits < 1:
@@ -71,12 +79,12 @@ class Difficulty:
             raise ValueError(
                 f"Difficulty.min_carries must be in [0, first_digits={self.first_digits}], got {self.min_carries}"
             )
-        if self.later not in ("easy", "carry"):
-            raise ValueError(f"Difficulty.later must be 'easy' or 'carry', got {self.later!r}")
+        if self.later not in LATER_STEPS:
+            raise ValueError(f"Difficulty.later must be one of {LATER_STEPS}, got {self.later!r}")
         if self.line_format not in LINE_FORMATS:
             raise ValueError(f"Difficulty.line_format must be one of {LINE_FORMATS}, got {self.line_format!r}")
-        if self.later == "carry" and self.first_op != "+":
-            raise ValueError("Difficulty.later='carry' needs first_op '+' (products grow past the task's size)")
+        if self.later in ("carry", "repeat") and self.first_op != "+":
+            raise ValueError(f"Difficulty.later={self.later!r} needs first_op '+' (products grow past the task's size)")
         lo, hi = self.num_steps
         if not 1 <= lo <= hi:
             raise ValueError(
@@ -90,14 +98,16 @@ DIFFICULTIES = {
     "hard": Difficulty(name="hard", first_digits=4, min_carries=3, num_steps=(2, 4)),
     "hard_mul": Difficulty(name="hard_mul", first_digits=3, first_op="*", num_steps=(2, 4)),
     "chain": Difficulty(name="chain", first_digits=2, min_carries=1, later="carry", num_steps=(3, 4)),
-    "long_chain": Difficulty(name="long_chain", first_digits=2, min_carries=1, later="carry", line_format="short",
+    "long_chain": Difficulty(name="long_chain", first_digits=2, min_carries=1, later="repeat", line_format="short",
                              num_steps=(9, 12)),
 }
 """Presets: ``easy`` (one-digit first step) for warm-up SFT; ``medium`` (one two-digit step with a carry,
 then easy steps), ``hard`` / ``hard_mul`` (first steps far beyond a small model); ``chain`` (every step
 adds a two-digit number with a carry: a hint that reveals the first lines shortens the chain the model
-must get right, and the rest of a hinted solution still exercises the same skill); ``long_chain`` (the
-same step kind, 9-12 steps, short lines ``+67=590``: a long chain of one moderately hard operation)."""
+must get right, and the rest of a hinted solution still exercises the same skill); ``long_chain``
+(``523+67*9``: 9-12 steps that each add the same two-digit number to a three- or four-digit running
+value, short lines ``+67=657``: a long chain of one moderately hard operation whose inputs are all in
+the line before and the prompt)."""
 
 
 def carries(a: int, b: int) -> int:
@@ -118,7 +128,10 @@ def _first_step(rng: random.Random, d: Difficulty) -> tuple[int, str, int]:
     if d.first_op == "*":
         return _operand(rng, d.first_digits), "*", rng.randint(2, 9)
     for _ in range(10_000):
-        a, b = _operand(rng, d.first_digits), _operand(rng, d.first_digits)
+        a = _operand(rng, d.first_digits + (d.later == "repeat"))
+        b = _operand(rng, d.first_digits)
+        if d.later == "repeat" and b % 10 == 0:  # a multiple of ten never carries out of the units
+            continue
         if carries(a, b) >= d.min_carries:
             return a, "+", b
     raise ValueError(
@@ -153,8 +166,15 @@ def _try_problem(rng: random.Random, difficulty: Difficulty) -> tuple[str, list[
     value = a * b if op == "*" else a + b
     expr = f"{a}{op}{b}"
     lines = [f"{expr}={value}"]
-    for _ in range(rng.randint(*difficulty.num_steps) - 1):
-        if difficulty.later == "carry":
+    n = rng.randint(*difficulty.num_steps)
+    if difficulty.later == "repeat":
+        expr = f"{a}+{b}*{n}"  # its value: a, then b added n times
+        if difficulty.line_format == "short":  # the start value on a line of its own: every step alike
+            lines = [str(a), f"+{b}={value}"]
+    for _ in range(n - 1):
+        if difficulty.later == "repeat":
+            op, k = "+", b
+        elif difficulty.later == "carry":
             step = _carry_step(rng, value, difficulty.first_digits)
             if step is None:
                 return None
@@ -162,7 +182,8 @@ def _try_problem(rng: random.Random, difficulty: Difficulty) -> tuple[str, list[
         else:
             op, k = _easy_step(rng, value)
         new = value + k if op == "+" else value - k
-        expr += f"{op}{k}"
+        if difficulty.later != "repeat":
+            expr += f"{op}{k}"
         lines.append(f"{value if difficulty.line_format == 'full' else ''}{op}{k}={new}")
         value = new
     return expr, lines, value
@@ -220,7 +241,7 @@ def generate_problems(
             "solution": str(value),
             "solution_hint": worked,
             "difficulty": d.name,
-            "num_steps": len(lines),
+            "num_steps": sum("=" in line for line in lines),
             "split": "heldout" if is_heldout(expr, heldout_fraction) else "train",
         }
         uid = f"syn-{d.name}-{hashlib.sha1(expr.encode()).hexdigest()[:12]}"

@@ -31,6 +31,9 @@ def test_worked_solutions_are_correct_and_structured(name):
     for p in generate_problems(200, seed=3, difficulty=name):
         lines = p.hint.split("\n")
         assert lines[-1] == f"\\boxed{{{p.answer}}}" and p.answer == p.columns["solution"]
+        if d.later == "repeat" and d.line_format == "short":  # the start value, then a short first step
+            assert lines[0].isdigit() and lines[1].startswith("+")
+            lines = [lines[0] + lines[1]] + lines[2:]
         steps = [STEP.match(line) for line in lines[:-1]]
         assert all(steps), p.hint
         lo, hi = d.num_steps
@@ -46,17 +49,23 @@ def test_worked_solutions_are_correct_and_structured(name):
             op, b, r = m[2], int(m[3]), int(m[4])
             assert r == (a * b if op == "*" else a + b if op == "+" else a - b), lines[i]
             if i == 0:  # the hard first step
-                assert op == d.first_op and len(str(a)) == d.first_digits
+                assert op == d.first_op and len(str(a)) == d.first_digits + (d.later == "repeat")
                 if op == "+":
                     assert len(str(b)) == d.first_digits and carries(a, b) >= d.min_carries
+            elif d.later == "repeat":  # every step adds the first step's second operand again
+                assert a == value and op == "+" and b == int(steps[0][3])
             elif d.later == "carry":  # every step adds a first_digits-digit number with a carry
                 assert a == value and op == "+" and len(str(b)) == d.first_digits and carries(a, b) >= 1
             else:  # easy steps: one digit, no carry/borrow (only the units digit changes)
                 assert a == value and b <= 9 and op in "+-" and r // 10 == a // 10
             value = r
         assert str(value) == p.answer
-        # the problem is the expression whose left-to-right value is the answer
-        assert p.problem == steps[0][1] + steps[0][2] + steps[0][3] + "".join(m[2] + m[3] for m in steps[1:])
+        # the problem is the expression whose value (left to right; ``a+k*n`` for repeat) is the answer
+        if d.later == "repeat":
+            assert p.problem == f"{steps[0][1]}+{steps[0][3]}*{len(steps)}"
+            assert int(steps[0][1]) + int(steps[0][3]) * len(steps) == int(p.answer)
+        else:
+            assert p.problem == steps[0][1] + steps[0][2] + steps[0][3] + "".join(m[2] + m[3] for m in steps[1:])
         assert p.columns["difficulty"] == d.name
         assert set(p.problem + p.hint) <= set(SYNTHETIC_ALPHABET)
 
@@ -106,6 +115,10 @@ def test_bad_arguments():
         generate_problems(1, seed=0, split="dev")
     with pytest.raises(ValueError, match="min_carries"):
         Difficulty(name="x", first_digits=2, min_carries=3)
+    with pytest.raises(ValueError, match="later must be one of"):
+        Difficulty(name="x", first_digits=2, later="twice")
+    with pytest.raises(ValueError, match="needs first_op"):
+        Difficulty(name="x", first_digits=2, first_op="*", later="repeat")
     with pytest.raises(ValueError, match="line_format must be one of"):
         Difficulty(name="x", first_digits=2, line_format="terse")
     with pytest.raises(ValueError, match="problem space is too small"):
@@ -126,10 +139,13 @@ def test_golds_verify_under_the_accuracy_reward():
 
 def test_long_chain_lines_are_short_and_a_line_hint_shortens_the_chain():
     d = DIFFICULTIES["long_chain"]
-    assert d.later == "carry" and d.line_format == "short" and d.num_steps[0] >= 8
+    assert d.later == "repeat" and d.line_format == "short" and d.num_steps[0] >= 8
     for p in generate_problems(50, seed=2, difficulty="long_chain"):
         lines = p.hint.split("\n")
-        assert re.fullmatch(r"\d\d\+\d\d=\d+", lines[0]) and all(re.fullmatch(r"\+\d\d=\d+", x) for x in lines[1:-1])
+        assert re.fullmatch(r"\d{3}", lines[0]) and all(re.fullmatch(r"\+\d\d=\d+", x) for x in lines[1:-1])
+        k = lines[1][1:3]
+        assert k[1] != "0" and all(x.startswith(f"+{k}=") for x in lines[1:-1])
+        assert p.problem == f"{lines[0]}+{k}*{len(lines) - 2}" and p.columns["num_steps"] == len(lines) - 2
         for ratio in (0.25, 0.5, 0.75):  # the hint ends at a line boundary and leaves a shorter chain
             shown = hint_prefix(p.hint, ratio, split="line")
             assert p.hint.startswith(shown) and (shown == "" or shown.endswith("\n"))

@@ -20,12 +20,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def launch_world_size(cfg: Config) -> int:
-    """Ranks this run has (or will spawn): explicit config, the launcher's WORLD_SIZE, else TP x PP."""
-    if cfg.parallel.world_size is not None:
-        return cfg.parallel.world_size
+    """Ranks this run has (or will spawn): explicit config, the launcher's WORLD_SIZE, else the
+    smallest layout: PP x lcm(TP, EP x ETP) (one data-parallel replica unless the experts need more)."""
+    import math
+
+    p = cfg.parallel
+    if p.world_size is not None:
+        return p.world_size
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    return p.pipeline_model_parallel_size * math.lcm(p.tensor_model_parallel_size, p.expert_grid)
 
 
 def load_and_validate(args: argparse.Namespace) -> tuple[Config, int]:
@@ -50,7 +54,7 @@ def describe(cfg: Config, world: int) -> str:
         f"consistency={cfg.ghpo.hint_prompt_consistency}, start_hint_step={cfg.ghpo.start_hint_step})",
         f"rewards: {rewards}",
         f"parallel: world_size={world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
-        f"x DP {dp} (virtual_pipeline={p.virtual_pipeline_model_parallel_size}, sequence_parallel={p.sequence_parallel}, "
+        f"x DP {dp} (EP {p.expert_model_parallel_size}, virtual_pipeline={p.virtual_pipeline_model_parallel_size}, sequence_parallel={p.sequence_parallel}, "
         f"distributed_optimizer={p.use_distributed_optimizer})",
         f"global batch: {t.per_device_train_batch_size} per rank x DP {dp} x grad-accum {t.gradient_accumulation_steps} "
         f"= {total} completions = {total // r.num_generations} prompts per optimizer step",

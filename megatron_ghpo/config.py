@@ -58,17 +58,32 @@ class ParallelConfig:
     """Megatron sequence parallelism (GPU with Transformer Engine only)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer)."""
+    expert_model_parallel_size: int = 1
+    """Mixture-of-experts models: the experts of each MoE layer are split over this many ranks
+    (carved out of TP x DP of a pipeline stage, as in Megatron); must divide the model's
+    ``num_experts``. Dense models ignore it (must be 1)."""
+    expert_tensor_parallel_size: int | None = None
+    """Tensor parallelism inside each expert; None = the TP size (Megatron's default).
+    ``expert_model_parallel_size`` x this must divide TP x DP."""
     world_size: int | None = None
     """Total ranks. None = from the launcher (WORLD_SIZE); on CPU `megatron-ghpo train` spawns
-    TP x PP processes itself when it is not launched by torchrun."""
+    PP x lcm(TP, EP x ETP) processes itself when it is not launched by torchrun."""
 
     def __post_init__(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        if self.expert_tensor_parallel_size is not None:
+            _require(self.expert_tensor_parallel_size >= 1, "expert_tensor_parallel_size",
+                     self.expert_tensor_parallel_size, "must be >= 1 (or null for the TP size)")
         v = self.virtual_pipeline_model_parallel_size
         if v is not None:
             _require(v >= 2 and self.pipeline_model_parallel_size > 1, "virtual_pipeline_model_parallel_size", v,
                      "needs >= 2 chunks and pipeline_model_parallel_size > 1 (or null to disable)")
+
+    @property
+    def expert_grid(self) -> int:
+        """Ranks of one expert-parallel x expert-tensor-parallel grid (EP x ETP)."""
+        return self.expert_model_parallel_size * (self.expert_tensor_parallel_size or self.tensor_model_parallel_size)
 
 
 @dataclass(kw_only=True)
@@ -445,6 +460,20 @@ class Config:
                     f"pipeline_model_parallel_size={pp} x virtual chunks {vpp} = {pp * vpp} must divide "
                     f"num_hidden_layers={layers}"
                 )
+            ep, experts = self.parallel.expert_model_parallel_size, model_dims.get("num_experts")
+            if ep > 1 and not experts:
+                raise ConfigError(f"expert_model_parallel_size={ep} needs a mixture-of-experts model; "
+                                  f"{self.model.model_name_or_path} is dense: set it to 1")
+            if experts and experts % ep:
+                raise ConfigError(f"expert_model_parallel_size={ep} must divide the model's num_experts={experts}")
+        grid = self.parallel.expert_grid
+        if (world_size // self.parallel.pipeline_model_parallel_size) % grid:
+            raise ConfigError(
+                f"expert_model_parallel_size ({self.parallel.expert_model_parallel_size}) x expert_tensor_parallel_size "
+                f"({self.parallel.expert_tensor_parallel_size or self.parallel.tensor_model_parallel_size}) = {grid} must "
+                f"divide TP x DP = {world_size // self.parallel.pipeline_model_parallel_size} ranks per pipeline stage; "
+                f"launch more ranks or lower expert_model_parallel_size"
+            )
 
 
 SECTIONS = {name: f.default_factory for name, f in Config.__dataclass_fields__.items()}

@@ -192,9 +192,11 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def read_model_dims(model_name_or_path: str) -> dict | None:
-    """Heads and layers from a local model folder's config.json (None when it is not a local folder)."""
+    """Heads, layers and experts from a local model folder's config.json (None when it is not a local folder)."""
     cfg = Path(model_name_or_path) / "config.json"
     if not cfg.is_file():
         return None
     data = json.loads(cfg.read_text())
-    return {k: data.get(k) for k in ("num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
+    dims = {k: data.get(k) for k in ("num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
+    dims["num_experts"] = data.get("num_experts") or data.get("num_local_experts")
+    return dims

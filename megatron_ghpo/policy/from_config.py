@@ -51,6 +51,8 @@ def policy_kwargs(cfg: Any, *, total_steps: int | None = None, mode: str = "rl")
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
             sequence_parallel=p.sequence_parallel, seed=t.seed,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
         ),
         "model": ModelOptions(
             bf16=m.bf16, transformer_impl=m.transformer_impl, fp8=m.fp8, fp8_recipe=m.fp8_recipe,

@@ -54,11 +54,12 @@ class PolicyIO:
     def save_hf(self, out: str | Path, *, tokenizer_dir: str | Path, dtype: torch.dtype | None = None,
                 bucket_bytes: int = 256 * 1024**2) -> None:
         """Write the current weights as an HF folder (safetensors + config + tokenizer files of
-        ``tokenizer_dir``). Collective; data-parallel replica 0 exports, global rank 0 writes."""
+        ``tokenizer_dir``). Collective; data-parallel replica 0 exports (every replica when the
+        experts are split over data-parallel ranks, EP > 1), global rank 0 writes."""
         from megatron_ghpo.bridge.checkpoint import write_hf_folder
 
         dtype = dtype or self.model_options.params_dtype
-        if self.layout.dp_rank == 0:
+        if self.layout.dp_rank == 0 or self.layout.ep > 1:
             tensors = self.export_hf_weights(bucket_bytes=bucket_bytes, dtype=dtype, destination="first")
             if self.layout.rank == 0:
                 write_hf_folder(tensors, out, tokenizer_dir, dtype=dtype)

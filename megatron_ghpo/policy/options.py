@@ -21,6 +21,10 @@ class ParallelOptions:
     """Model chunks per pipeline rank (interleaved 1F1B); None = plain 1F1B."""
     sequence_parallel: bool = False
     """GPU with Transformer Engine only."""
+    expert_model_parallel_size: int = 1
+    """MoE models: ranks the experts of a layer are split over."""
+    expert_tensor_parallel_size: int | None = None
+    """Tensor parallelism inside an expert; None = the TP size."""
     seed: int = 42
     timeout_s: float = 1800.0
     """Collective timeout: a stalled rank fails the job after this long."""

@@ -67,6 +67,8 @@ class MegatronPolicy(PolicyIO):
             tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
             sequence_parallel=p.sequence_parallel,
             seed=p.seed,
             timeout_s=p.timeout_s,

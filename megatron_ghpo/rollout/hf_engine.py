@@ -32,6 +32,25 @@ logger = get_logger("rollout.hf")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+
+def _per_expert_slices(state: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple]]:
+    """Checkpoint names of per-expert weights -> (fused parameter, index) for transformers' fused MoE
+    experts (``...mlp.experts.gate_up_proj`` [E, 2I, H] = gate rows then up rows of each expert,
+    ``...mlp.experts.down_proj`` [E, H, I]), so updates named as in the checkpoint and the weight bridge
+    (``...mlp.experts.<e>.gate_proj.weight``) land in the in-memory layout."""
+    out: dict[str, tuple[str, tuple]] = {}
+    for name, t in state.items():
+        if name.endswith(".experts.gate_up_proj") and t.dim() == 3:
+            base, inter = name[: -len("gate_up_proj")], t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = (name, (e, slice(0, inter)))
+                out[f"{base}{e}.up_proj.weight"] = (name, (e, slice(inter, 2 * inter)))
+        elif name.endswith(".experts.down_proj") and t.dim() == 3:
+            base = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = (name, (e,))
+    return out
+
 class HFEngine:
     """:class:`~megatron_ghpo.rollout.base.StreamingRolloutEngine` on a transformers model."""
 
@@ -65,8 +84,11 @@ class HFEngine:
         self._pad_id = int(pad if pad is not None else next(iter(self._eos_ids), 0))
         self._rng = torch.Generator().manual_seed(seed)
         self._strict = strict_weights
-        self._required = {n for n, _ in self._model.named_parameters()}
-        self._allowed = set(self._model.state_dict().keys())
+        state = self._model.state_dict()
+        self._expert_slices = _per_expert_slices(state)
+        fused = {target for target, _ in self._expert_slices.values()}
+        self._required = ({n for n, _ in self._model.named_parameters()} - fused) | set(self._expert_slices)
+        self._allowed = (set(state) - fused) | set(self._expert_slices)
         self._queue: dict[str, tuple[list[int], SamplingParams]] = {}
         self._done: dict[str, list[Completion]] = {}
         self._version = 0
@@ -161,7 +183,11 @@ class HFEngine:
             weights, required=self._required if self._strict else set(), allowed=self._allowed
         )
         for name, tensor in stream:
-            target = state[name]
+            if name in self._expert_slices:
+                fused_name, index = self._expert_slices[name]
+                target = state[fused_name][index]
+            else:
+                target = state[name]
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ValueError(
                     f"load_weights: {name!r} has shape {tuple(tensor.shape)}, model has {tuple(target.shape)}"

@@ -97,6 +97,7 @@ class VLLMEngine:
         )  # fmt: skip
         self._vocab_size = int(spec.config["vocab_size"])
         self._tied = bool(spec.config.get("tie_word_embeddings", False))
+        self._moe = bool(spec.config.get("num_experts") or spec.config.get("num_local_experts"))
         self._strict = strict_weights
         self._sleep_supported = spec.sleep_supported
         self._owns_world = spec.owns_torch_world
@@ -156,7 +157,7 @@ class VLLMEngine:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named full tensors in place, consuming ``weights`` lazily (vLLM's ``reload_weights``
         processes each layer once its tensors have arrived); re-pack a tied ``lm_head``; reset the
-        prefix cache; bump :attr:`weight_version`. On GPUs an asleep engine gets its weights back
+        prefix cache; re-pack CPU experts kernels; bump :attr:`weight_version`. On GPUs an asleep engine gets its weights back
         first and its KV cache on :meth:`wake`."""
         self._check_usable(allow_asleep=True)
         if self._book.pending:
@@ -175,6 +176,10 @@ class VLLMEngine:
                 from megatron_ghpo.rollout.vllm_host import repack_tied_lm_head
 
                 self._llm.collective_rpc(repack_tied_lm_head)
+            if self._moe:
+                from megatron_ghpo.rollout.vllm_host import repack_cpu_experts
+
+                self._llm.collective_rpc(repack_cpu_experts)
             self._reset_prefix_cache()
         except BaseException as exc:
             self._broken = f"load_weights failed ({type(exc).__name__}: {exc})"

@@ -114,6 +114,29 @@ def repack_tied_lm_head(worker: Any) -> bool:
     return True
 
 
+def repack_cpu_experts(worker: Any) -> int:
+    """Run inside a vLLM worker after a weight reload of a mixture-of-experts model.
+
+    vLLM's CPU experts kernel multiplies with expert weights pre-packed (and padded) at load time;
+    ``reload_weights`` writes the new experts in the loading layout and does not re-run the
+    kernel's post-load step, so the engine would compute with stale or mis-laid experts. This
+    re-runs it on every MoE layer. On GPUs no layer uses the CPU kernel and nothing happens.
+    Returns the number of layers re-packed.
+    """
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:  # a vLLM build without the CPU MoE kernels
+        return 0
+    done = 0
+    for module in worker.model_runner.get_model().modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(module)
+            done += 1
+    return done
+
+
 def release_vllm_distributed(owns_torch_world: bool) -> None:
     """Tear down vLLM's process groups after an engine is closed.
 

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.e2e
 
 from _rollout_helpers import (
     MAX_MODEL_LEN,
+    TINY,
     build_models,
     hf_greedy,
     hf_token_logprobs,
@@ -114,3 +115,28 @@ def test_load_weights(models, hf, pair):
     with pytest.raises(ValueError, match="did you mean"):
         engine.load_weights((n.replace("layers", "layer"), t) for n, t in safetensors_stream(models[pair[0]]))
     assert engine.weight_version == 1
+
+
+def test_load_weights_of_a_moe_model_by_checkpoint_names(models, tmp_path):
+    """transformers keeps Qwen3-MoE experts fused in memory ([E, 2I, H] gate/up, [E, H, I] down); updates
+    arrive per expert, named as in the checkpoint and by the weight bridge."""
+    from megatron_ghpo.models.tiny import build_tiny_model
+
+    from pathlib import Path
+
+    tok = str(Path(models["A"]).parent / "tok")
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 32}
+    a, b = (build_tiny_model(tmp_path / n, arch="qwen3_moe", seed=s, tie_word_embeddings=False, tokenizer_dir=tok,
+                             **{**TINY, **moe}) for n, s in (("MA", 6), ("MB", 7)))  # fmt: skip
+    names = [n for n, _ in safetensors_stream(b)]
+    assert any(".mlp.experts.3.gate_proj.weight" in n for n in names)
+    engine, batch = build_rollout_engine("hf", a, max_model_len=MAX_MODEL_LEN, seed=0), prompts(a)
+    engine.load_weights(safetensors_stream(b))
+    ref = load_hf(b)
+    for prompt, (c,) in zip(batch, engine.generate(batch, SamplingParams(temperature=0.0, max_tokens=12)), strict=True):
+        assert c.token_ids == hf_greedy(ref, prompt, 12)
+    scored = engine.score_tokens([batch[0] + [5, 6, 7]])[0]
+    assert (torch.tensor(scored[-3:]) - hf_token_logprobs(ref, batch[0], [5, 6, 7], 1.0)).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="lacks"):
+        engine.load_weights(item for item in safetensors_stream(a) if ".experts.1.down_proj" not in item[0])
+

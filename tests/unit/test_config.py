@@ -180,3 +180,25 @@ def test_leaf_names_unique_and_ignored_keys_disjoint():
 def test_unquoted_yaml_no_means_the_string_no(tmp_path):
     cfg = load_config(write(tmp_path, {"save_strategy": False}), ["eval_strategy=no"])
     assert cfg.checkpoint.save_strategy == "no" and cfg.eval.eval_strategy == "no"
+
+
+def test_expert_parallel_sizes_are_checked_against_ranks_and_model():
+    from megatron_ghpo.cli import launch_world_size
+
+    moe = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "num_experts": 4}
+    cfg = load_config(None, ["expert_model_parallel_size=2", "num_generations=4", "per_device_train_batch_size=8"])
+    assert launch_world_size(cfg) == 2  # one data-parallel replica per expert shard
+    cfg.validate(2, moe)
+    with pytest.raises(ConfigError, match=r"= 2 must divide TP x DP = 1 ranks per pipeline stage"):
+        cfg.validate(1, moe)
+    with pytest.raises(ConfigError, match="must divide the model's num_experts=3"):
+        cfg.validate(2, {**moe, "num_experts": 3})
+    with pytest.raises(ConfigError, match="needs a mixture-of-experts model"):
+        cfg.validate(2, {**moe, "num_experts": None})
+    cfg = load_config(None, ["expert_model_parallel_size=2", "tensor_model_parallel_size=2",
+                             "expert_tensor_parallel_size=1", "pipeline_model_parallel_size=2"])
+    assert launch_world_size(cfg) == 4  # PP 2 x lcm(TP 2, EP 2 x ETP 1)
+    with pytest.raises(ConfigError, match="expert_model_parallel_size"):
+        load_config(None, ["expert_model_parallel_size=0"])
+    with pytest.raises(ConfigError, match="expert_tensor_parallel_size"):
+        load_config(None, ["expert_tensor_parallel_size=0"])

@@ -137,8 +137,10 @@ def paired_difference(a: list[float], b: list[float], n_eval: int) -> dict:
     ``seed_ci95`` is ``t(0.975, n-1) * sd(a_i - b_i) / sqrt(n)`` (None for one seed); ``eval_se`` is the
     binomial standard error of the difference from evaluation alone (each accuracy measured on ``n_eval``
     problems: ``sqrt(sum_i (a_i(1-a_i) + b_i(1-b_i)) / n_eval) / n``), ``eval_ci95`` is ``1.96 * eval_se``.
-    ``ci95`` is the seed interval where there is one, else the evaluation interval; ``beyond_2se`` tells
-    whether ``|diff|`` exceeds two seed standard errors (n >= 2) and two evaluation standard errors.
+    ``ci95`` is the seed interval where there is one, else the evaluation interval (``ci95_excludes_zero``:
+    whether it leaves out 0); ``beyond_2se`` tells whether ``|diff|`` exceeds two seed standard errors
+    (n >= 2) and two evaluation standard errors (with 3 seeds, t(0.975, 2) = 4.3: a difference can be
+    beyond 2 SE while its 95% interval still holds 0).
     """
     if len(a) != len(b) or not a:
         raise ValueError(f"paired accuracies need the same number (>= 1) of seeds, got {len(a)} and {len(b)}")
@@ -160,7 +162,7 @@ def paired_difference(a: list[float], b: list[float], n_eval: int) -> dict:
         out.update(seed_sd=sd, seed_se=sd / n**0.5, t975=t, seed_ci95=t * sd / n**0.5)
     half = out["seed_ci95"] if out["seed_ci95"] is not None else out["eval_ci95"]
     ses = [se for se in (out["seed_se"], eval_se) if se is not None]
-    out.update(ci95=half, ci95_low=mean - half, ci95_high=mean + half,
+    out.update(ci95=half, ci95_low=mean - half, ci95_high=mean + half, ci95_excludes_zero=bool(abs(mean) > half),
                beyond_2se=bool(all(se > 0 for se in ses) and all(abs(mean) > 2 * se for se in ses)))
     return out
 
@@ -244,9 +246,13 @@ def print_table(summary: dict) -> None:
                      else "one seed: the interval is from evaluation alone; ")
         con.print(f"GHPO - GRPO = {d['diff']:+.3f} +- {d['ci95']:.3f} (95%); {seed_part}binomial evaluation "
                   f"SE of the difference {d['eval_se']:.3f} ({s['heldout']} problems per run); "
-                  f"{'beyond' if d['beyond_2se'] else 'not beyond'} 2 standard errors")
+                  f"|diff| {'>' if d['beyond_2se'] else 'not >'} 2 standard errors; the 95% interval "
+                  f"{'excludes' if d['ci95_excludes_zero'] else 'includes'} 0")
     if summary.get("sft_heldout_acc") is not None:
-        con.print(f"SFT warm-up alone: held-out acc {summary['sft_heldout_acc']:.3f}")
+        w = summary["sft_heldout_acc"]
+        change = ", ".join(f"{m.upper()} {summary[m]['heldout_acc'] - w:+.3f}" for m in METHODS
+                           if summary[m]["heldout_acc"] is not None)
+        con.print(f"SFT warm-up alone: held-out acc {w:.3f} (change after RL: {change})")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -302,7 +308,7 @@ def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="CPU demo: tiny model, SFT warm-up, GHPO vs GRPO, held-out evaluation")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--seeds", type=int, default=1, help="GHPO/GRPO run pairs (seeds 42, 43, ...)")
-    p.add_argument("--rl-steps", type=int, default=40)
+    p.add_argument("--rl-steps", type=int, default=50)
     p.add_argument("--sft-steps", type=int, default=650)
     p.add_argument("--rl-problems", type=int, default=2000)
     p.add_argument("--sft-problems", type=int, default=8000)

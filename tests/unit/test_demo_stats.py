@@ -28,7 +28,11 @@ def test_three_seeds_by_hand():
     var = (0.3 * 0.7 + 0.2 * 0.8 + 0.4 * 0.6 + 0.35 * 0.65 + 0.35 * 0.65 + 0.3 * 0.7) / 400
     assert d["eval_se"] == pytest.approx(math.sqrt(var) / 3) and d["eval_ci95"] == pytest.approx(1.96 * d["eval_se"])
     # 0.0667 > 2 * seed SE (0.0333) and > 2 * eval SE (0.0195)
-    assert d["beyond_2se"] is True
+    assert d["beyond_2se"] is True and d["ci95_excludes_zero"] is False  # t(0.975, 2) = 4.3 > 2
+    wide = paired_difference([0.16, 0.16, 0.18], [0.04, 0.14, 0.11], 300)
+    assert wide["beyond_2se"] is True and wide["ci95_low"] < 0 < wide["ci95_high"] and not wide["ci95_excludes_zero"]
+    tight = paired_difference([0.30, 0.31, 0.32], [0.20, 0.20, 0.21], 1000)
+    assert tight["beyond_2se"] and tight["ci95_excludes_zero"]
 
 
 def test_one_seed_uses_the_evaluation_interval_and_noise_is_not_beyond_2se():

@@ -188,24 +188,24 @@ def main(argv: list[str] | None = None) -> int:
     arguments, measured one after the other in the same processes; each rank writes
     ``OUT_DIR/rank<r>.json``: a list of :class:`MeasuredRank` fields, one per case.
     """
+    import argparse
     import json
     import os
-    import sys
     from pathlib import Path
 
     import torch
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m megatron_ghpo.plan.measure SPEC_JSON OUT_DIR", file=sys.stderr)
-        return 2
-    cases = json.loads(Path(args[0]).read_text())
+    parser = argparse.ArgumentParser(prog="python -m megatron_ghpo.plan.measure")
+    parser.add_argument("spec_json", type=Path, help="list of cases (hf_config + measure_rank keywords)")
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    cases = json.loads(args.spec_json.read_text())
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = []
     for i, case in enumerate(cases):
         case = dict(case)
         results.append(measure_rank(case.pop("hf_config"), keep_process_group=i < len(cases) - 1, **case))
-    out = Path(args[1])
+    out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{results[0].rank}.json").write_text(json.dumps([r.__dict__ for r in results]))
     return 0
